@@ -1,0 +1,39 @@
+# The front door: every target sets up what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint fmt demo bench clean
+
+install: $(STAMP)
+
+# torch==2.13.0 first: its CPU wheel lies on this machine's disk, while an open range
+# would pull a multi-GB CUDA build. pyproject.toml itself asks only for torch>=2.2.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check fc2conv_cli tests bench
+	$(BIN)/ruff format --check fc2conv_cli tests bench
+
+fmt: install
+	$(BIN)/ruff check --fix fc2conv_cli tests bench
+	$(BIN)/ruff format fc2conv_cli tests bench
+
+demo: install
+	$(BIN)/python bench/zoo.py vgg16 demo/vgg16.safetensors
+	$(BIN)/fc2conv convert demo/vgg16.safetensors --map sample_configs/vgg16.yaml \
+		-o demo/vgg16_fcn.safetensors --force
+
+bench: install
+	$(BIN)/python bench/bench_convert.py
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache

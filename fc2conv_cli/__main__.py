@@ -1,0 +1,3 @@
+from fc2conv_cli.cli import main
+
+main()

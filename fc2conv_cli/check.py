@@ -1,0 +1,165 @@
+"""Prove the written file computes what the source did.
+
+For each converted layer, with a seeded random feature map ``x`` of shape
+``(N, C, *kernel)``: ``fc = layout.flatten(x) @ W.T + b`` with the *source* tensors, and
+``conv = conv_nd(x, Wc, b)`` with the tensors read back from the *written* file. Both in
+float64, so the difference measures the conversion, not float rounding: a correct
+conversion gives ~1e-12 whatever the stored dtype. A layer whose kernel is larger than 1
+also gets the dense check: a map ``kernel + DENSE_MARGIN`` wide, every output position
+against the FC applied to that window. The weight is read in chunks of output rows, so
+memory stays flat. Copied tensors are compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from fc2conv_cli.checkpoint import Checkpoint
+from fc2conv_cli.layout import WeightFormat
+from fc2conv_cli.plan import LayerPlan, Plan
+
+__all__ = [
+    "DEFAULT_ATOL",
+    "DENSE_MARGIN",
+    "WINDOW_SAMPLES",
+    "LayerCheck",
+    "check_copies",
+    "check_index",
+    "check_layer",
+    "conv_nd",
+]
+
+# A correct conversion differs by ~1e-12 in float64; a wrong layout or a corrupt byte by
+# orders of magnitude more. 1e-6 leaves room for huge weights without hiding real errors.
+DEFAULT_ATOL = 1e-6
+WINDOW_SAMPLES = 4  # random feature maps of exactly the kernel's size
+DENSE_MARGIN = 2  # the dense map is kernel + 2 per axis: 3, 9 or 27 positions
+_CHECK_CHUNK_BYTES = 16 << 20  # float64 bytes of weight rows per chunk
+_COMPARE_CHUNK_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    """The result of checking one converted layer. Diffs are None when not finite."""
+
+    layer: str
+    max_abs_diff: float | None
+    dense_max_abs_diff: float | None
+    dense_checked: bool
+    ok: bool
+
+
+def conv_nd(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """N-d cross-correlation, stride 1, no padding: ``torch.nn.functional.conv1d/2d/3d``.
+
+    ``x``: ``(N, C, *spatial)``, ``weight``: ``(O, C, *kernel)``, ``bias``: ``(O,)``;
+    returns ``(N, O, *(spatial - kernel + 1))``.
+    """
+    kernel = weight.shape[2:]
+    ndim = len(kernel)
+    windows = sliding_window_view(x, kernel, axis=tuple(range(2, 2 + ndim)))
+    out = np.tensordot(
+        windows,
+        weight,
+        axes=([1, *range(2 + ndim, 2 + 2 * ndim)], [1, *range(2, 2 + ndim)]),
+    )  # (N, *positions, O)
+    out = np.moveaxis(out, -1, 1)
+    if bias is not None:
+        out = out + bias.reshape(1, -1, *(1,) * ndim)
+    return out
+
+
+def check_layer(
+    layer: LayerPlan, source: Checkpoint, written: Checkpoint, atol: float, seed: int
+) -> LayerCheck:
+    """Compare the source FC layer with the written conv layer on seeded random inputs."""
+    conversion = layer.weight.conversion
+    kernel, channels = conversion.kernel, layer.in_channels
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((WINDOW_SAMPLES, channels, *kernel))
+    dense_checked = math.prod(kernel) > 1
+    x_dense = rng.standard_normal((1, channels, *(k + DENSE_MARGIN for k in kernel)))
+    # The original network's input to the FC: each window flattened in the source layout.
+    windows = sliding_window_view(x_dense, kernel, axis=tuple(range(2, 2 + len(kernel))))
+    windows = np.moveaxis(windows[0], 0, len(kernel)).reshape(-1, channels, *kernel)
+    fc_inputs = conversion.layout.flatten(np.concatenate([x, windows]) if dense_checked else x)
+
+    fc_weight = source.array(layer.weight.source)
+    if conversion.weight_format is WeightFormat.IN_OUT:
+        fc_weight = fc_weight.T
+    conv_weight = written.array(layer.weight.name)
+    fc_bias = _bias(source, layer.bias.source if layer.bias else None, layer.out_features)
+    conv_bias = _bias(written, layer.bias.name if layer.bias else None, layer.out_features)
+
+    window_diff = dense_diff = 0.0
+    step = max(1, _CHECK_CHUNK_BYTES // (8 * layer.in_features))
+    for start in range(0, layer.out_features, step):
+        rows = slice(start, start + step)
+        fc = fc_inputs @ fc_weight[rows].astype(np.float64).T + fc_bias[rows]
+        filters = conv_weight[rows].astype(np.float64)
+        conv = conv_nd(x, filters, conv_bias[rows]).reshape(WINDOW_SAMPLES, -1)
+        window_diff = max(window_diff, _max_abs_diff(fc[:WINDOW_SAMPLES], conv))
+        if dense_checked:
+            dense = conv_nd(x_dense, filters, conv_bias[rows])
+            dense = dense.reshape(dense.shape[1], -1).T  # (positions, rows), row-major
+            dense_diff = max(dense_diff, _max_abs_diff(fc[WINDOW_SAMPLES:], dense))
+    finite = [d for d in (window_diff, dense_diff) if math.isfinite(d)]
+    ok = len(finite) == 2 and max(finite) <= atol
+    return LayerCheck(
+        layer.rule.name,
+        window_diff if math.isfinite(window_diff) else None,
+        (dense_diff if math.isfinite(dense_diff) else None) if dense_checked else None,
+        dense_checked,
+        ok,
+    )
+
+
+def check_copies(plan: Plan, source: Checkpoint, written: Checkpoint) -> tuple[str, ...]:
+    """Names of byte-copied output tensors whose bytes differ from the source's."""
+    differ = []
+    for planned in plan.tensors:
+        if planned.conversion is not None:
+            continue
+        a, b = source.raw(planned.source), written.raw(planned.name)
+        if len(a) != len(b) or not all(
+            np.array_equal(
+                np.frombuffer(a[i : i + _COMPARE_CHUNK_BYTES], np.uint8),
+                np.frombuffer(b[i : i + _COMPARE_CHUNK_BYTES], np.uint8),
+            )
+            for i in range(0, len(a), _COMPARE_CHUNK_BYTES)
+        ):
+            differ.append(planned.name)
+    return tuple(differ)
+
+
+def check_index(plan: Plan, written: Checkpoint) -> tuple[str, ...]:
+    """Problems with the written file's tensor list against the plan: missing, extra, wrong."""
+    problems = []
+    for planned in plan.tensors:
+        info = written.tensors.get(planned.name)
+        if info is None:
+            problems.append(f"{planned.name}: missing from the written file")
+        elif (info.dtype, info.shape) != (planned.dtype, planned.shape):
+            problems.append(
+                f"{planned.name}: written as {info.dtype} {list(info.shape)}, "
+                f"planned {planned.dtype} {list(planned.shape)}"
+            )
+    extra = set(written.tensors) - {t.name for t in plan.tensors}
+    problems += [f"{name}: in the written file but not in the plan" for name in sorted(extra)]
+    return tuple(problems)
+
+
+def _bias(checkpoint: Checkpoint, name: str | None, size: int) -> np.ndarray:
+    return np.zeros(size) if name is None else checkpoint.array(name).astype(np.float64)
+
+
+def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest |a - b|, where equal values (infinities, NaN against NaN) count as 0."""
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(a - b)
+    diff[(a == b) | (np.isnan(a) & np.isnan(b))] = 0.0
+    return float(diff.max()) if diff.size else 0.0

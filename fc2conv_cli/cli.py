@@ -1,0 +1,172 @@
+"""The ``fc2conv`` command line: parse, call, render, and map errors to exit codes.
+
+Exit codes: 0 written and every check passed; 1 a check failed (nothing written);
+2 bad input or usage (one line per problem, nothing written); 3 an internal error (a bug:
+the traceback is shown); 130 interrupted (Ctrl-C or SIGTERM; nothing written).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from fc2conv_cli import __version__
+from fc2conv_cli.errors import (
+    EXIT_INPUT_ERROR,
+    EXIT_INTERNAL_ERROR,
+    EXIT_INTERRUPTED,
+    Fc2convError,
+)
+
+__all__ = ["cli", "main", "run"]
+
+_ATOL_DEFAULT = 1e-6  # keep in step with check.DEFAULT_ATOL (a test pins it)
+
+_CONVERT_HELP = """Convert the FC layers named in MAP of checkpoint INPUT into conv weights.
+
+INPUT is a .safetensors file or a PyTorch checkpoint (.pt, .pth, .bin, .ckpt), read with
+torch.load(weights_only=True): code in a pickle is never run. The first FC becomes a
+k x k conv over the feature map it used to flatten, later FCs 1x1 convs; every other
+tensor is copied unchanged. The output is written atomically and only after the checks
+pass: each converted layer is compared in float64 with the FC it replaces (on a
+kernel-sized input and, for kernels larger than 1, densely on a larger one), and every
+copied tensor byte for byte.
+
+\b
+Example:
+  fc2conv convert vgg16.pth --map sample_configs/vgg16.yaml -o vgg16_fcn.safetensors
+
+\b
+Exit codes: 0 done, every check passed; 1 a check failed (nothing written);
+2 bad input or usage (nothing written); 3 internal error (please report it).
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="fc2conv")
+def cli() -> None:
+    """fc2conv: turn the fully-connected head of a CNN checkpoint into conv weights,
+    so the network runs on images of any size and gives dense score maps.
+
+    Run `fc2conv convert --help` for the main command.
+    """
+
+
+@cli.command(help=_CONVERT_HELP)
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option(
+    "--map",
+    "map_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="YAML layer map: which FC layers, their kernel and flatten layout (see README).",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output .safetensors file; never the input.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    metavar="PATH|-",
+    help="Also write the report as JSON to PATH, or to stdout with '-' (the table then "
+    "goes to stderr).",
+)
+@click.option(
+    "--atol",
+    type=click.FloatRange(min=0),
+    default=_ATOL_DEFAULT,
+    show_default=True,
+    help="Largest |fc - conv| (float64) a check accepts.",
+)
+@click.option("--no-check", is_flag=True, help="Skip the equivalence and byte checks.")
+@click.option(
+    "--dry-run", is_flag=True, help="Print the plan and the shape changes; write nothing."
+)
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the checks' random inputs."
+)
+def convert(
+    input_path: Path,
+    map_path: Path,
+    output: Path,
+    json_path: str | None,
+    atol: float,
+    no_check: bool,
+    dry_run: bool,
+    force: bool,
+    seed: int,
+) -> int:
+    from fc2conv_cli import report
+    from fc2conv_cli.pipeline import ConvertOptions, convert
+
+    options = ConvertOptions(input_path, map_path, output, atol, not no_check, dry_run, force, seed)
+    table_console = report.make_console(stderr=json_path == "-")
+    messages = report.make_console(stderr=True)
+    try:
+        result = convert(options)
+    except Fc2convError as error:
+        failed = getattr(error, "result", None)
+        if failed is not None:
+            report.render_conversion(table_console, failed)
+        if json_path:
+            report.write_json(json_path, report.error_json(error))
+        raise
+    if dry_run:
+        report.render_plan(table_console, result)
+    report.render_conversion(table_console, result)
+    report.render_notes(messages, result)
+    if json_path:
+        report.write_json(json_path, report.conversion_json(result))
+    return result.exit_code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI and exit with the documented code."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    sys.exit(run(argv))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv``; returns the exit code instead of exiting."""
+    messages = Console(stderr=True)
+    try:
+        code = cli.main(args=argv, prog_name="fc2conv", standalone_mode=False)
+    except click.ClickException as error:
+        error.show()
+        return EXIT_INPUT_ERROR
+    except (click.Abort, KeyboardInterrupt):
+        messages.print("interrupted: nothing was written", style="red")
+        return EXIT_INTERRUPTED
+    except Fc2convError as error:
+        from fc2conv_cli.report import render_error
+
+        render_error(messages, error.message)
+        return error.exit_code
+    except BrokenPipeError:
+        # The reader of our output went away (e.g. `| head`): not our error.
+        sys.stderr.close()
+        return 0
+    except Exception:
+        traceback.print_exc()
+        messages.print(
+            f"internal error in fc2conv {__version__}: this is a bug, please report it "
+            "with the traceback above",
+            style="red",
+        )
+        return EXIT_INTERNAL_ERROR
+    return code if isinstance(code, int) else 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so staged files are removed on the way out."""
+    raise KeyboardInterrupt

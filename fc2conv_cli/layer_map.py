@@ -1,0 +1,283 @@
+"""The YAML layer map: parsed and validated into typed rules, every problem reported at once."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fc2conv_cli.errors import MapError
+from fc2conv_cli.layout import Layout, WeightFormat
+
+__all__ = ["SUPPORTED_VERSIONS", "LayerMap", "Rule", "parse_layer_map", "read_layer_map"]
+
+SUPPORTED_VERSIONS = (1,)
+_TOP_KEYS = ("version", "layout", "weight_format", "strip_prefix", "state_dict_key", "layers")
+_LAYER_KEYS = (
+    "name",
+    "rename",
+    "kernel",
+    "in_channels",
+    "layout",
+    "weight_format",
+    "weight",
+    "bias",
+)
+_FORMATS = ", ".join(f.value for f in WeightFormat)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One FC layer to convert.
+
+    ``weight``/``bias`` are full source tensor names; ``bias_required`` is True when the map
+    named the bias explicitly (otherwise ``NAME.bias`` is used only if present).
+    """
+
+    name: str
+    rename: str | None
+    kernel: tuple[int, ...]
+    in_channels: int | None
+    layout: Layout
+    weight_format: WeightFormat
+    weight: str
+    bias: str
+    bias_required: bool
+
+    @property
+    def output_prefix(self) -> str:
+        """Output tensors are ``PREFIX.weight`` and ``PREFIX.bias``."""
+        return self.rename or self.name
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """A validated layer map. ``text`` is the file as read, for provenance."""
+
+    source: str
+    rules: tuple[Rule, ...]
+    strip_prefixes: tuple[str, ...]
+    state_dict_key: str | None
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+def read_layer_map(path: Path) -> LayerMap:
+    """Read and validate a layer map file; raises ``MapError`` naming file, layer and key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MapError([f"{path}: layer map not found"]) from None
+    except IsADirectoryError:
+        raise MapError([f"{path}: layer map is a directory, expected a YAML file"]) from None
+    except UnicodeDecodeError:
+        raise MapError([f"{path}: layer map is not UTF-8 text"]) from None
+    except OSError as exc:
+        raise MapError([f"{path}: cannot read layer map: {exc.strerror}"]) from None
+    return parse_layer_map(text, str(path))
+
+
+def parse_layer_map(text: str, source: str = "<map>") -> LayerMap:
+    """Parse layer-map YAML text. ``source`` names the file in messages."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise MapError([f"{source}:{where}: YAML syntax error: {problem}"]) from None
+    return _Validator(source).layer_map(doc, text)
+
+
+class _Validator:
+    """Collects every problem in a map document, then raises one ``MapError``."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[str] = []
+
+    def problem(self, where: str, key: str, expected: str, got: Any = None) -> None:
+        got_text = "" if got is None else f", got {_show(got)}"
+        self.problems.append(f"{self.source}: {where}: {key}: expected {expected}{got_text}")
+
+    def unknown_keys(self, where: str, doc: Mapping, allowed: tuple[str, ...]) -> None:
+        for key in doc:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.problems.append(
+                    f"{self.source}: {where}: unknown key {key!r}{hint}; "
+                    f"allowed: {', '.join(allowed)}"
+                )
+
+    def layer_map(self, doc: Any, text: str) -> LayerMap:
+        if not isinstance(doc, Mapping):
+            self.problem("top level", "document", "a mapping with version, layout and layers", doc)
+            raise MapError(self.problems)
+        self.unknown_keys("top level", doc, _TOP_KEYS)
+        version = doc.get("version")
+        if version is None:
+            self.problem("top level", "version", "version: 1")
+        elif type(version) is not int or version not in SUPPORTED_VERSIONS:
+            self.problem("top level", "version", "a supported map version (1)", version)
+        layout = self.layout("top level", doc.get("layout"), required=True)
+        weight_format = self.weight_format("top level", doc.get("weight_format", "out_in"))
+        prefixes = self.strip_prefixes(doc.get("strip_prefix"))
+        state_dict_key = doc.get("state_dict_key")
+        if state_dict_key is not None and not _is_name(state_dict_key):
+            self.problem("top level", "state_dict_key", "a non-empty string", state_dict_key)
+            state_dict_key = None
+        rules = self.rules(doc.get("layers"), layout, weight_format)
+        if self.problems:
+            raise MapError(self.problems)
+        return LayerMap(self.source, rules, prefixes, state_dict_key, text)
+
+    def layout(self, where: str, value: Any, required: bool = False) -> Layout | None:
+        if value is None:
+            if required:
+                self.problem(where, "layout", "the flatten order feeding the first FC, e.g. chw")
+            return None
+        if not isinstance(value, str):
+            self.problem(where, "layout", "a string such as chw, hwc or whc", value)
+            return None
+        try:
+            return Layout.parse(value)
+        except ValueError as exc:
+            self.problems.append(f"{self.source}: {where}: layout: {exc}")
+            return None
+
+    def weight_format(self, where: str, value: Any) -> WeightFormat | None:
+        try:
+            return WeightFormat(value)
+        except ValueError:
+            self.problem(where, "weight_format", f"one of {_FORMATS}", value)
+            return None
+
+    def strip_prefixes(self, value: Any) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(_is_name(p) for p in items):
+            self.problem("top level", "strip_prefix", "a string or a list of strings", value)
+            return ()
+        return tuple(items)
+
+    def rules(
+        self, layers: Any, layout: Layout | None, weight_format: WeightFormat | None
+    ) -> tuple[Rule, ...]:
+        if not isinstance(layers, list) or not layers:
+            self.problem("top level", "layers", "a non-empty list of layers", layers)
+            return ()
+        kernels = [
+            layer.get("kernel")
+            for layer in layers
+            if isinstance(layer, Mapping) and isinstance(layer.get("kernel"), list)
+        ]
+        ndim = len(kernels[0]) if kernels else (layout.spatial_ndim if layout else 2)
+        rules = []
+        seen: dict[str, str] = {}
+        for index, layer in enumerate(layers):
+            rule = self.rule(index, layer, ndim, layout, weight_format)
+            if rule is None:
+                continue
+            out = rule.output_prefix
+            if out in seen:
+                self.problems.append(
+                    f"{self.source}: layers[{index}] ({rule.name}): output name {out!r} "
+                    f"is also produced by layer {seen[out]!r}; give one a different rename"
+                )
+            seen[out] = rule.name
+            rules.append(rule)
+        return tuple(rules)
+
+    def rule(
+        self,
+        index: int,
+        layer: Any,
+        ndim: int,
+        default_layout: Layout | None,
+        default_format: WeightFormat | None,
+    ) -> Rule | None:
+        where = f"layers[{index}]"
+        if not isinstance(layer, Mapping):
+            self.problem(where, "layer", "a mapping with at least a name", layer)
+            return None
+        name = layer.get("name")
+        if not _is_name(name):
+            self.problem(where, "name", "the layer's tensor prefix, e.g. classifier.0", name)
+            return None
+        where = f"layers[{index}] ({name})"
+        before = len(self.problems)
+        self.unknown_keys(where, layer, _LAYER_KEYS)
+        rename = layer.get("rename")
+        if rename is not None and not _is_name(rename):
+            self.problem(where, "rename", "a non-empty string", rename)
+        kernel = self.kernel(where, layer.get("kernel", [1] * ndim), ndim)
+        in_channels = layer.get("in_channels")
+        if in_channels is not None and not _is_positive_int(in_channels):
+            self.problem(where, "in_channels", "a positive integer", in_channels)
+        layout = self.layout(where, layer["layout"]) if "layout" in layer else default_layout
+        if layout is not None and layout.spatial_ndim != ndim:
+            self.problem(
+                where,
+                "layout",
+                f"{ndim} spatial axes to match the kernel ({ndim}-D)",
+                str(layout),
+            )
+        weight_format = (
+            self.weight_format(where, layer["weight_format"])
+            if "weight_format" in layer
+            else default_format
+        )
+        tensors = {}
+        for key in ("weight", "bias"):
+            value = layer.get(key)
+            if value is not None and not _is_name(value):
+                self.problem(where, key, "a full tensor name", value)
+            tensors[key] = value
+        if len(self.problems) > before or layout is None or weight_format is None:
+            return None
+        return Rule(
+            name=name,
+            rename=rename,
+            kernel=kernel,
+            in_channels=in_channels,
+            layout=layout,
+            weight_format=weight_format,
+            weight=tensors["weight"] or f"{name}.weight",
+            bias=tensors["bias"] or f"{name}.bias",
+            bias_required=tensors["bias"] is not None,
+        )
+
+    def kernel(self, where: str, value: Any, ndim: int) -> tuple[int, ...]:
+        if (
+            not isinstance(value, list)
+            or not 1 <= len(value) <= 3
+            or not all(_is_positive_int(v) for v in value)
+        ):
+            self.problem(where, "kernel", "a list of 1 to 3 positive integers, e.g. [7, 7]", value)
+            return (1,) * ndim
+        if len(value) != ndim:
+            self.problem(where, "kernel", f"{ndim} sizes like the map's other kernels", value)
+        return tuple(value)
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _is_positive_int(value: Any) -> bool:
+    return type(value) is int and value > 0
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,126 @@
+"""One conversion, start to finish: map -> checkpoint -> plan -> write -> check -> publish.
+
+Returns a ``ConvertResult`` for ``report`` to render; raises ``Fc2convError`` subclasses.
+Nothing is published unless every check passed (or checks were turned off).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from fc2conv_cli import __version__
+from fc2conv_cli.check import DEFAULT_ATOL, LayerCheck, check_copies, check_index, check_layer
+from fc2conv_cli.checkpoint import open_checkpoint, open_safetensors, sha256_in_background
+from fc2conv_cli.errors import EXIT_CHECK_FAILED, EXIT_OK, CheckFailed
+from fc2conv_cli.layer_map import read_layer_map
+from fc2conv_cli.plan import Plan, build_plan
+from fc2conv_cli.write import check_output_path, write_safetensors
+
+__all__ = ["ConvertOptions", "ConvertResult", "convert"]
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What the user asked for; see ``fc2conv convert --help``."""
+
+    input: Path
+    map_path: Path
+    output: Path
+    atol: float = DEFAULT_ATOL
+    check: bool = True
+    dry_run: bool = False
+    force: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """Everything the report shows about one conversion."""
+
+    options: ConvertOptions
+    input_format: str
+    plan: Plan
+    notes: tuple[str, ...]
+    checks: tuple[LayerCheck, ...] = ()
+    copy_mismatches: tuple[str, ...] = ()
+    index_problems: tuple[str, ...] = ()
+    output_bytes: int = 0
+    seconds: float = 0.0
+    published: bool = False
+
+    @property
+    def checked(self) -> bool:
+        return self.options.check and not self.options.dry_run
+
+    @property
+    def ok(self) -> bool:
+        """True when every check that ran passed."""
+        return (
+            all(c.ok for c in self.checks) and not self.copy_mismatches and not self.index_problems
+        )
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.ok else EXIT_CHECK_FAILED
+
+
+def convert(options: ConvertOptions) -> ConvertResult:
+    """Convert one checkpoint; raises ``InputError`` (2) or ``CheckFailed`` (1)."""
+    started = time.perf_counter()
+    layer_map = read_layer_map(options.map_path)
+    check_output_path(options.input, options.output, options.force)
+    with open_checkpoint(
+        options.input, layer_map.strip_prefixes, layer_map.state_dict_key
+    ) as source:
+        plan = build_plan(source.tensors, layer_map)
+        result = ConvertResult(options, source.kind, plan, source.notes)
+        if options.dry_run:
+            return _finish(result, started)
+        metadata = {
+            "format": "pt",
+            "fc2conv_version": __version__,
+            "source_file": options.input.name,
+            "layer_map": layer_map.text,
+            "layer_map_sha256": layer_map.sha256,
+        }
+        digest = sha256_in_background(options.input)
+        staged = write_safetensors(plan, source, options.output, metadata, digest)
+        try:
+            result = replace(result, output_bytes=staged.nbytes)
+            if options.check:
+                with open_safetensors(staged.temp) as written:
+                    result = _checked(result, source, written)
+            if not result.ok:
+                raise CheckFailed(_failure_message(result), _finish(result, started))
+            staged.publish(overwrite=options.force)
+        finally:
+            staged.discard()
+    return _finish(result, started, published=True)
+
+
+def _checked(result: ConvertResult, source, written) -> ConvertResult:
+    options, plan = result.options, result.plan
+    index_problems = check_index(plan, written)
+    if index_problems:
+        return replace(result, index_problems=index_problems)
+    checks = tuple(
+        check_layer(layer, source, written, options.atol, options.seed) for layer in plan.layers
+    )
+    return replace(result, checks=checks, copy_mismatches=check_copies(plan, source, written))
+
+
+def _failure_message(result: ConvertResult) -> str:
+    failed = [c.layer for c in result.checks if not c.ok]
+    parts = []
+    if failed:
+        parts.append(f"layers {', '.join(failed)} differ by more than --atol {result.options.atol}")
+    if result.copy_mismatches:
+        parts.append(f"copied tensors differ from the source: {', '.join(result.copy_mismatches)}")
+    parts += result.index_problems
+    return f"check failed, nothing written: {'; '.join(parts)}"
+
+
+def _finish(result: ConvertResult, started: float, published: bool = False) -> ConvertResult:
+    return replace(result, seconds=time.perf_counter() - started, published=published)

@@ -1,0 +1,222 @@
+"""All output: a rich table for people, JSON for machines, one-line messages on stderr.
+
+Renderers take the console to write to; rich decides colour (none when not a terminal).
+User-supplied names always go in ``Text``, never parsed as markup.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from fc2conv_cli import __version__
+from fc2conv_cli.errors import Fc2convError
+from fc2conv_cli.pipeline import ConvertResult
+
+__all__ = [
+    "PIPE_WIDTH",
+    "conversion_json",
+    "error_json",
+    "make_console",
+    "render_conversion",
+    "render_error",
+    "render_notes",
+    "render_plan",
+    "write_json",
+]
+
+# Rich assumes 80 columns when not writing to a terminal; CI logs read better unwrapped.
+PIPE_WIDTH = 160
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console for stdout or stderr; colour and width follow the terminal, if any."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console.width = PIPE_WIDTH
+    return console
+
+
+def render_conversion(console: Console, result: ConvertResult) -> None:
+    """The table of converted layers with their checks, and a one-line footer."""
+    console.print(_title(result))
+    table = Table()
+    table.add_column("layer (source -> output)", no_wrap=True)
+    table.add_column("old shape", no_wrap=True)
+    table.add_column("new shape", no_wrap=True)
+    table.add_column("kernel", no_wrap=True)
+    table.add_column("layout", no_wrap=True)
+    table.add_column("max |diff| window", justify="right", no_wrap=True)
+    table.add_column("max |diff| dense", justify="right", no_wrap=True)
+    table.add_column("result", no_wrap=True)
+    checks = {c.layer: c for c in result.checks}
+    for layer in result.plan.layers:
+        check = checks.get(layer.rule.name)
+        if check is None:
+            window = dense = "-"
+            status = Text("planned" if result.options.dry_run else "not checked", style="yellow")
+        else:
+            window = _diff(check.max_abs_diff)
+            dense = _diff(check.dense_max_abs_diff) if check.dense_checked else "n/a (1x1)"
+            status = Text("ok", style="green") if check.ok else Text("FAILED", style="bold red")
+        table.add_row(
+            Text(f"{layer.rule.name} -> {layer.rule.output_prefix}"),
+            _shape(layer.source_shape),
+            _shape(layer.weight.shape),
+            "x".join(map(str, layer.weight.conversion.kernel)),
+            Text(f"{layer.rule.layout} {layer.rule.weight_format.value}"),
+            window,
+            dense,
+            status,
+        )
+    console.print(table)
+    console.print(Text(_footer(result)))
+
+
+def render_plan(console: Console, result: ConvertResult) -> None:
+    """Every output tensor, in file order, and what produces it (for ``--dry-run``)."""
+    table = Table(title="plan: output tensors in file order", title_justify="left")
+    table.add_column("output tensor", no_wrap=True)
+    table.add_column("dtype", no_wrap=True)
+    table.add_column("shape", no_wrap=True)
+    table.add_column("from", no_wrap=True)
+    for planned in result.plan.tensors:
+        conversion = planned.conversion
+        if conversion is None:
+            action = "copy" if planned.source == planned.name else f"copy {planned.source}"
+        elif conversion.moves_bytes:
+            action = (
+                f"convert {planned.source} ({conversion.weight_format.value}, "
+                f"{conversion.layout} -> {conversion.layout.canonical}: bytes move)"
+            )
+        else:
+            action = f"reshape {planned.source} (bytes unchanged)"
+        table.add_row(Text(planned.name), planned.dtype, _shape(planned.shape), Text(action))
+    console.print(table)
+
+
+def render_notes(console: Console, result: ConvertResult) -> None:
+    """What the reader unwrapped or stripped, and the plan's warnings."""
+    for note in result.notes:
+        console.print(Text(f"note: {note}"))
+    for warning in result.plan.warnings:
+        console.print(Text(f"warning: {warning}", style="yellow"))
+
+
+def render_error(console: Console, message: str) -> None:
+    """Each line of an error message, prefixed ``error:``."""
+    for line in message.splitlines():
+        console.print(Text(f"error: {line}", style="red"), soft_wrap=True)
+
+
+def conversion_json(result: ConvertResult) -> dict[str, Any]:
+    """The machine-readable report of one conversion."""
+    checks = {c.layer: c for c in result.checks}
+    layers = []
+    for layer in result.plan.layers:
+        check = checks.get(layer.rule.name)
+        layers.append(
+            {
+                "name": layer.rule.name,
+                "rename": layer.rule.rename,
+                "weight": layer.rule.weight,
+                "output_weight": layer.weight.name,
+                "bias": layer.bias.source if layer.bias else None,
+                "old_shape": list(layer.source_shape),
+                "new_shape": list(layer.weight.shape),
+                "kernel": list(layer.weight.conversion.kernel),
+                "layout": str(layer.rule.layout),
+                "weight_format": layer.rule.weight_format.value,
+                "bytes_unchanged": not layer.weight.conversion.moves_bytes,
+                "max_abs_diff": check.max_abs_diff if check else None,
+                "dense_max_abs_diff": check.dense_max_abs_diff if check else None,
+                "ok": check.ok if check else None,
+            }
+        )
+    options = result.options
+    return {
+        "fc2conv_version": __version__,
+        "ok": result.ok,
+        "input": str(options.input),
+        "input_format": result.input_format,
+        "output": str(options.output),
+        "published": result.published,
+        "dry_run": options.dry_run,
+        "checked": result.checked,
+        "atol": options.atol,
+        "seed": options.seed,
+        "layers": layers,
+        "copied": len(result.plan.copied),
+        "copy_mismatches": list(result.copy_mismatches),
+        "index_problems": list(result.index_problems),
+        "notes": list(result.notes),
+        "warnings": list(result.plan.warnings),
+        "output_bytes": result.output_bytes,
+        "seconds": round(result.seconds, 3),
+    }
+
+
+def error_json(error: Fc2convError) -> dict[str, Any]:
+    """The machine-readable report of a run that stopped on an error."""
+    report = conversion_json(error.result) if hasattr(error, "result") else {"ok": False}
+    report["error"] = {"code": error.code, "message": error.message, "exit_code": error.exit_code}
+    return report
+
+
+def write_json(destination: str, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON to a file, or to stdout when ``destination`` is ``-``."""
+    text = json.dumps(data, allow_nan=False, sort_keys=True, indent=2) + "\n"
+    if destination == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        with open(destination, "w", encoding="utf-8") as file:
+            file.write(text)
+
+
+def _title(result: ConvertResult) -> Text:
+    options = result.options
+    verb = "dry run" if options.dry_run else "converted"
+    return Text(f"fc2conv {verb}: {options.input} -> {options.output}")
+
+
+def _footer(result: ConvertResult) -> str:
+    parts = [f"{len(result.plan.layers)} layers converted"]
+    copied = len(result.plan.copied)
+    if result.options.dry_run:
+        parts.append(f"{copied} tensors to copy; nothing written (dry run)")
+    else:
+        same = "byte-identical" if result.checked and not result.copy_mismatches else "unchecked"
+        parts.append(f"{copied} tensors copied ({same})")
+        parts.append(f"output {_size(result.output_bytes)}")
+        if not result.checked:
+            parts.append("checks skipped (--no-check)")
+        elif result.ok:
+            parts.append(f"all checks within atol {result.options.atol:g}")
+    parts.append(f"{result.seconds:.2f} s")
+    return " | ".join(parts)
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")"
+
+
+def _diff(value: float | None) -> Text:
+    return (
+        Text("nan/inf", style="red")
+        if value is None or not math.isfinite(value)
+        else Text(f"{value:.1e}")
+    )
+
+
+def _size(nbytes: int) -> str:
+    if nbytes < 1024:
+        return f"{nbytes} B"
+    exponent = min(3, int(math.log(nbytes, 1024)))
+    return f"{nbytes / 1024**exponent:.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
