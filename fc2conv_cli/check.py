@@ -95,18 +95,20 @@ def check_layer(
     fc_bias = _bias(source, layer.bias.source if layer.bias else None, layer.out_features)
     conv_bias = _bias(written, layer.bias.name if layer.bias else None, layer.out_features)
 
-    window_diff = dense_diff = 0.0
+    window_diffs, dense_diffs = [0.0], [0.0]
     step = max(1, _CHECK_CHUNK_BYTES // (8 * layer.in_features))
     for start in range(0, layer.out_features, step):
         rows = slice(start, start + step)
         fc = fc_inputs @ fc_weight[rows].astype(np.float64).T + fc_bias[rows]
         filters = conv_weight[rows].astype(np.float64)
         conv = conv_nd(x, filters, conv_bias[rows]).reshape(WINDOW_SAMPLES, -1)
-        window_diff = max(window_diff, _max_abs_diff(fc[:WINDOW_SAMPLES], conv))
+        window_diffs.append(_max_abs_diff(fc[:WINDOW_SAMPLES], conv))
         if dense_checked:
             dense = conv_nd(x_dense, filters, conv_bias[rows])
             dense = dense.reshape(dense.shape[1], -1).T  # (positions, rows), row-major
-            dense_diff = max(dense_diff, _max_abs_diff(fc[WINDOW_SAMPLES:], dense))
+            dense_diffs.append(_max_abs_diff(fc[WINDOW_SAMPLES:], dense))
+    # np.max, unlike max(), keeps a NaN: a NaN difference must fail the check.
+    window_diff, dense_diff = float(np.max(window_diffs)), float(np.max(dense_diffs))
     finite = [d for d in (window_diff, dense_diff) if math.isfinite(d)]
     ok = len(finite) == 2 and max(finite) <= atol
     return LayerCheck(
