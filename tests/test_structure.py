@@ -1,0 +1,105 @@
+"""The shape of the code: one step per module, no backward imports, torch only when needed."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+import fc2conv_cli
+from fc2conv_cli import check, cli
+
+PACKAGE = Path(fc2conv_cli.__file__).parent
+# The pipeline's order; a module may import only modules before it.
+ORDER = [
+    "errors",
+    "layout",
+    "layer_map",
+    "checkpoint",
+    "plan",
+    "write",
+    "check",
+    "pipeline",
+    "report",
+    "cli",
+]
+
+
+def imported_modules(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("fc2conv_cli.")
+        ):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("fc2conv_cli.")}
+    return found
+
+
+def test_every_module_is_in_the_pipeline_order():
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
+    assert modules == set(ORDER)
+
+
+def test_no_module_imports_a_later_one():
+    for position, name in enumerate(ORDER):
+        later = imported_modules(PACKAGE / f"{name}.py") & set(ORDER[position:])
+        assert not later, f"{name} imports later modules {later}"
+
+
+def test_library_modules_do_not_import_click_or_print():
+    for name in ORDER[:-1]:
+        source = (PACKAGE / f"{name}.py").read_text()
+        assert "import click" not in source, name
+        assert "print(" not in source or name == "report", name
+        assert "sys.exit" not in source, name
+
+
+def test_cli_default_atol_is_the_checks_default():
+    assert cli._ATOL_DEFAULT == check.DEFAULT_ATOL
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_safetensors_conversion_never_imports_torch(tmp_path):
+    save_file(
+        {"fc.weight": np.ones((4, 12), np.float32), "fc.bias": np.zeros(4, np.float32)},
+        str(tmp_path / "in.safetensors"),
+    )
+    (tmp_path / "map.yaml").write_text(
+        "version: 1\nlayout: hwc\nlayers: [{name: fc, kernel: [2, 2]}]\n"
+    )
+    args = [
+        str(tmp_path / "in.safetensors"),
+        "--map",
+        str(tmp_path / "map.yaml"),
+        "-o",
+        str(tmp_path / "out.safetensors"),
+    ]
+    result = run_python(
+        "import sys\nfrom fc2conv_cli.cli import run\n"
+        f"code = run(['convert', *{args!r}])\n"
+        "print('torch' in sys.modules, code)\n"
+    )
+    assert result.stdout.strip().splitlines()[-1] == "False 0", result.stdout + result.stderr
+    assert (tmp_path / "out.safetensors").exists()
+
+
+def test_help_imports_neither_torch_nor_numpy_and_errors_not_torch():
+    result = run_python(
+        "import sys\nfrom fc2conv_cli.cli import run\n"
+        "run(['--help']); run(['convert', '--help'])\n"
+        "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))\n"
+        "run(['convert', 'x.pth', '--map', 'nope.yaml', '-o', 'y.safetensors'])\n"
+        "print('torch' in sys.modules)\n"
+    )
+    assert result.stdout.strip().splitlines()[-2:] == ["[]", "False"], result.stdout + result.stderr
