@@ -31,6 +31,7 @@ __all__ = [
     "check_index",
     "check_layer",
     "conv_nd",
+    "windows",
 ]
 
 # A correct conversion differs by ~1e-12 in float64; a wrong layout or a corrupt byte by
@@ -60,17 +61,25 @@ def conv_nd(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -
     returns ``(N, O, *(spatial - kernel + 1))``.
     """
     kernel = weight.shape[2:]
+    positions = tuple(s - k + 1 for s, k in zip(x.shape[2:], kernel, strict=True))
+    out = _apply_filters(windows(x, kernel), weight, bias)  # (N * positions, O)
+    return np.moveaxis(out.reshape(x.shape[0], *positions, -1), -1, 1)
+
+
+def windows(x: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
+    """Every kernel-sized window of ``x`` ``(N, C, *spatial)``: ``(N * positions, C, *kernel)``.
+
+    Windows are ordered by sample, then position in row-major order.
+    """
     ndim = len(kernel)
-    windows = sliding_window_view(x, kernel, axis=tuple(range(2, 2 + ndim)))
-    out = np.tensordot(
-        windows,
-        weight,
-        axes=([1, *range(2 + ndim, 2 + 2 * ndim)], [1, *range(2, 2 + ndim)]),
-    )  # (N, *positions, O)
-    out = np.moveaxis(out, -1, 1)
-    if bias is not None:
-        out = out + bias.reshape(1, -1, *(1,) * ndim)
-    return out
+    view = sliding_window_view(x, kernel, axis=tuple(range(2, 2 + ndim)))  # (N, C, *P, *K)
+    return np.moveaxis(view, 1, 1 + ndim).reshape(-1, x.shape[1], *kernel)
+
+
+def _apply_filters(windows: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """The conv at each window: ``(M, C, *kernel)`` with ``(O, C, *kernel)`` -> ``(M, O)``."""
+    out = windows.reshape(len(windows), -1) @ weight.reshape(len(weight), -1).T
+    return out if bias is None else out + bias
 
 
 def check_layer(
@@ -80,13 +89,13 @@ def check_layer(
     conversion = layer.weight.conversion
     kernel, channels = conversion.kernel, layer.in_channels
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((WINDOW_SAMPLES, channels, *kernel))
-    dense_checked = math.prod(kernel) > 1
+    inputs = rng.standard_normal((WINDOW_SAMPLES, channels, *kernel))
     x_dense = rng.standard_normal((1, channels, *(k + DENSE_MARGIN for k in kernel)))
-    # The original network's input to the FC: each window flattened in the source layout.
-    windows = sliding_window_view(x_dense, kernel, axis=tuple(range(2, 2 + len(kernel))))
-    windows = np.moveaxis(windows[0], 0, len(kernel)).reshape(-1, channels, *kernel)
-    fc_inputs = conversion.layout.flatten(np.concatenate([x, windows]) if dense_checked else x)
+    dense_checked = math.prod(kernel) > 1
+    if dense_checked:  # the dense map's windows follow the kernel-sized samples
+        inputs = np.concatenate([inputs, windows(x_dense, kernel)])
+    # What the original network fed its FC: each window flattened in the source layout.
+    fc_inputs = conversion.layout.flatten(inputs)
 
     fc_weight = source.array(layer.weight.source)
     if conversion.weight_format is WeightFormat.IN_OUT:
@@ -100,13 +109,11 @@ def check_layer(
     for start in range(0, layer.out_features, step):
         rows = slice(start, start + step)
         fc = fc_inputs @ fc_weight[rows].astype(np.float64).T + fc_bias[rows]
-        filters = conv_weight[rows].astype(np.float64)
-        conv = conv_nd(x, filters, conv_bias[rows]).reshape(WINDOW_SAMPLES, -1)
-        window_diffs.append(_max_abs_diff(fc[:WINDOW_SAMPLES], conv))
+        # conv_nd's own arithmetic, on the windows computed once above.
+        conv = _apply_filters(inputs, conv_weight[rows].astype(np.float64), conv_bias[rows])
+        window_diffs.append(_max_abs_diff(fc[:WINDOW_SAMPLES], conv[:WINDOW_SAMPLES]))
         if dense_checked:
-            dense = conv_nd(x_dense, filters, conv_bias[rows])
-            dense = dense.reshape(dense.shape[1], -1).T  # (positions, rows), row-major
-            dense_diffs.append(_max_abs_diff(fc[WINDOW_SAMPLES:], dense))
+            dense_diffs.append(_max_abs_diff(fc[WINDOW_SAMPLES:], conv[WINDOW_SAMPLES:]))
     # np.max, unlike max(), keeps a NaN: a NaN difference must fail the check.
     window_diff, dense_diff = float(np.max(window_diffs)), float(np.max(dense_diffs))
     finite = [d for d in (window_diff, dense_diff) if math.isfinite(d)]

@@ -71,6 +71,8 @@ def convert(options: ConvertOptions) -> ConvertResult:
     started = time.perf_counter()
     layer_map = read_layer_map(options.map_path)
     check_output_path(options.input, options.output, options.force)
+    # Hashing runs in a thread from here on, overlapping the torch import and the copy.
+    digest = None if options.dry_run else sha256_in_background(options.input)
     with open_checkpoint(
         options.input, layer_map.strip_prefixes, layer_map.state_dict_key
     ) as source:
@@ -85,7 +87,6 @@ def convert(options: ConvertOptions) -> ConvertResult:
             "layer_map": layer_map.text,
             "layer_map_sha256": layer_map.sha256,
         }
-        digest = sha256_in_background(options.input)
         staged = write_safetensors(plan, source, options.output, metadata, digest)
         try:
             result = replace(result, output_bytes=staged.nbytes)
