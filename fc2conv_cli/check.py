@@ -105,12 +105,19 @@ def check_layer(
     conv_bias = _bias(written, layer.bias.name if layer.bias else None, layer.out_features)
 
     window_diffs, dense_diffs = [0.0], [0.0]
-    step = max(1, _CHECK_CHUNK_BYTES // (8 * layer.in_features))
+    step = min(layer.out_features, max(1, _CHECK_CHUNK_BYTES // (8 * layer.in_features)))
+    # Two float64 buffers reused for every chunk: fresh ones per chunk would be freed to
+    # glibc, which keeps them, and peak memory would grow with the layer's width.
+    fc_rows = np.empty((step, layer.in_features))
+    conv_rows = np.empty((step, channels, *kernel))
     for start in range(0, layer.out_features, step):
         rows = slice(start, start + step)
-        fc = fc_inputs @ fc_weight[rows].astype(np.float64).T + fc_bias[rows]
+        count = len(range(layer.out_features)[rows])
+        np.copyto(fc_rows[:count], fc_weight[rows])
+        np.copyto(conv_rows[:count], conv_weight[rows])
+        fc = fc_inputs @ fc_rows[:count].T + fc_bias[rows]
         # conv_nd's own arithmetic, on the windows computed once above.
-        conv = _apply_filters(inputs, conv_weight[rows].astype(np.float64), conv_bias[rows])
+        conv = _apply_filters(inputs, conv_rows[:count], conv_bias[rows])
         window_diffs.append(_max_abs_diff(fc[:WINDOW_SAMPLES], conv[:WINDOW_SAMPLES]))
         if dense_checked:
             dense_diffs.append(_max_abs_diff(fc[WINDOW_SAMPLES:], conv[WINDOW_SAMPLES:]))

@@ -87,7 +87,7 @@ def convert(options: ConvertOptions) -> ConvertResult:
             "layer_map": layer_map.text,
             "layer_map_sha256": layer_map.sha256,
         }
-        staged = write_safetensors(plan, source, options.output, metadata, digest)
+        staged = write_safetensors(plan, source, options.output, metadata)
         try:
             result = replace(result, output_bytes=staged.nbytes)
             if options.check:
@@ -95,6 +95,7 @@ def convert(options: ConvertOptions) -> ConvertResult:
                     result = _checked(result, source, written)
             if not result.ok:
                 raise CheckFailed(_failure_message(result), _finish(result, started))
+            staged.seal(digest.result())
             staged.publish(overwrite=options.force)
         finally:
             staged.discard()

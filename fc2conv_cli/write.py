@@ -10,7 +10,8 @@ import contextlib
 import json
 import os
 import secrets
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,34 +32,61 @@ CHUNK_BYTES = 8 << 20
 
 @dataclass
 class StagedFile:
-    """A complete, fsynced output under a temporary name beside ``target``."""
+    """The output's data, written under a temporary name beside ``target``.
+
+    Its header holds a placeholder digest until ``seal``; the data is already flushing to
+    disk in the background, so checks can read it meanwhile. Then ``publish``.
+    """
 
     temp: Path
     target: Path
     nbytes: int
+    _fd: int | None
+    _seal_header: Callable[[str], bytes]
+    _flushing: Future[None]
+
+    def seal(self, source_sha256: str) -> None:
+        """Write the final header with the source's digest and make the file durable."""
+        header = self._seal_header(source_sha256)
+        try:
+            os.pwrite(self._fd, header, 0)
+            self._flushing.result()
+            os.fsync(self._fd)
+        except OSError as exc:
+            self.discard()
+            raise OutputError(f"{self.target}: cannot write: {exc.strerror or exc}") from None
+        os.close(self._fd)
+        self._fd = None
 
     def publish(self, overwrite: bool) -> None:
-        """Move the file into place atomically; without ``overwrite`` never replace a file."""
+        """Move the sealed file into place atomically; without ``overwrite`` never replace one."""
+        if self._fd is not None:
+            raise ValueError("seal() the staged file before publishing it")
         try:
             if overwrite:
                 os.replace(self.temp, self.target)
             else:
-                try:
-                    # link() fails if the target exists, even one created a moment ago.
-                    os.link(self.temp, self.target)
-                except FileExistsError:
-                    raise OutputError(
-                        f"{self.target}: already exists; pass --force to replace it"
-                    ) from None
+                # link() fails if the target exists, even one created a moment ago.
+                os.link(self.temp, self.target)
                 os.unlink(self.temp)
             _fsync_dir(self.target.parent)
+        except FileExistsError:
+            raise OutputError(
+                f"{self.target}: already exists; pass --force to replace it"
+            ) from None
+        except OSError as exc:
+            raise OutputError(f"{self.target}: cannot publish: {exc.strerror or exc}") from None
         finally:
             self.discard()
 
     def discard(self) -> None:
-        """Remove the temp file if it is still there."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.temp)
+        """Close and remove the temp file if it is still there."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                self._flushing.result()
+            os.close(self._fd)
+            self._fd = None
+        _remove(self.temp)
 
 
 def check_output_path(source: Path, target: Path, overwrite: bool) -> None:
@@ -81,20 +109,20 @@ def check_output_path(source: Path, target: Path, overwrite: bool) -> None:
 
 
 def write_safetensors(
-    plan: Plan,
-    checkpoint: Checkpoint,
-    target: Path,
-    metadata: Mapping[str, str],
-    source_sha256: Future[str],
+    plan: Plan, checkpoint: Checkpoint, target: Path, metadata: Mapping[str, str]
 ) -> StagedFile:
     """Write ``plan`` to a temp file beside ``target``; returns it staged, not published.
 
-    ``metadata`` goes into ``__metadata__`` together with ``source_sha256`` (a 64-character
-    hex digest, awaited only after the data is written so hashing overlaps the copy).
+    ``metadata`` goes into ``__metadata__``; ``source_sha256`` is added by ``seal`` (the
+    digest of a large input may still be computing while the data is written and checked).
     Raises ``OutputError`` on any OS error; the temp file is removed on every failure.
     """
-    placeholder = "0" * 64
-    header = _header(plan, {**metadata, "source_sha256": placeholder})
+
+    def header(source_sha256: str) -> bytes:
+        if len(source_sha256) != 64:
+            raise ValueError("source_sha256 must be a 64-character hex digest")
+        return _header(plan, {**metadata, "source_sha256": source_sha256})
+
     temp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -103,24 +131,20 @@ def write_safetensors(
             f"{target}: cannot create a file in {target.parent}: {exc.strerror}"
         ) from None
     try:
-        with open(fd, "wb") as file:
-            file.write(bytes(len(header)))
+        with open(fd, "wb", closefd=False) as file:
+            file.write(header("0" * 64))
             for planned in plan.tensors:
                 _write_tensor(file, planned, checkpoint)
-            file.flush()
-            final = _header(plan, {**metadata, "source_sha256": source_sha256.result()})
-            if len(final) != len(header):
-                raise ValueError("source_sha256 must be a 64-character hex digest")
-            os.pwrite(file.fileno(), final, 0)
-            os.fsync(file.fileno())
             size = file.tell()
     except OSError as exc:
+        os.close(fd)
         _remove(temp)
         raise OutputError(f"{target}: cannot write: {exc.strerror or exc}") from None
     except BaseException:
+        os.close(fd)
         _remove(temp)
         raise
-    return StagedFile(temp, target, size)
+    return StagedFile(temp, target, size, fd, header, _flush_in_background(fd))
 
 
 def _header(plan: Plan, metadata: Mapping[str, str]) -> bytes:
@@ -150,13 +174,31 @@ def _write_tensor(file, planned: PlannedTensor, checkpoint: Checkpoint) -> None:
     # Rows are output filters. An in_out kernel is read column-wise through the memory map.
     weight = checkpoint.array(planned.source)
     rows = weight if conversion.weight_format is WeightFormat.OUT_IN else weight.T
-    in_features = rows.shape[1]
-    step = max(1, CHUNK_BYTES // (in_features * rows.itemsize))
-    for start in range(0, rows.shape[0], step):
+    out_features, in_features = rows.shape
+    step = min(out_features, max(1, CHUNK_BYTES // (in_features * rows.itemsize)))
+    buffer = np.empty((step, conversion.in_channels, *conversion.kernel), rows.dtype)
+    for start in range(0, out_features, step):
         filters = conversion.layout.fc_rows_to_conv(
             rows[start : start + step], conversion.in_channels, conversion.kernel
         )
-        file.write(np.ascontiguousarray(filters).reshape(-1).view(np.uint8))
+        chunk = buffer[: len(filters)]  # one buffer for all chunks keeps memory flat
+        np.copyto(chunk, filters)
+        file.write(chunk.reshape(-1).view(np.uint8))
+
+
+def _flush_in_background(fd: int) -> Future[None]:
+    """Start writing the data to disk while the caller checks it (fdatasync drops the GIL)."""
+    future: Future[None] = Future()
+
+    def run() -> None:
+        try:
+            os.fdatasync(fd)
+            future.set_result(None)
+        except BaseException as exc:  # handed to seal(), which reports it
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="fc2conv-flush", daemon=True).start()
+    return future
 
 
 def _remove(path: Path) -> None:
