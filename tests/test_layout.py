@@ -9,9 +9,7 @@ import pytest
 
 from fc2conv_cli.layout import Layout
 
-ALL_LAYOUTS = [
-    "".join(p) for axes in ("cl", "chw", "cdhw") for p in itertools.permutations(axes)
-]
+ALL_LAYOUTS = ["".join(p) for axes in ("cl", "chw", "cdhw") for p in itertools.permutations(axes)]
 
 
 def flat_index(layout: str, sizes: dict[str, int], coords: dict[str, int]) -> int:
