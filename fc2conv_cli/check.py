@@ -23,7 +23,6 @@ from fc2conv_cli.layout import WeightFormat
 from fc2conv_cli.plan import LayerPlan, Plan
 
 __all__ = [
-    "DEFAULT_ATOL",
     "DENSE_MARGIN",
     "WINDOW_SAMPLES",
     "LayerCheck",
@@ -34,9 +33,6 @@ __all__ = [
     "windows",
 ]
 
-# A correct conversion differs by ~1e-12 in float64; a wrong layout or a corrupt byte by
-# orders of magnitude more. 1e-6 leaves room for huge weights without hiding real errors.
-DEFAULT_ATOL = 1e-6
 WINDOW_SAMPLES = 2  # random feature maps of exactly the kernel's size
 DENSE_MARGIN = 1  # the dense map is kernel + 1 per axis: 2, 4 or 8 positions
 _CHECK_CHUNK_BYTES = 16 << 20  # float64 bytes of weight rows per chunk

@@ -20,11 +20,12 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from fc2conv_cli.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "DTYPE_SIZES",
@@ -85,6 +86,9 @@ class TensorInfo:
 
 def numpy_dtype(code: str) -> np.dtype:
     """The numpy dtype for a safetensors dtype code (``ml_dtypes`` for bfloat16, float8)."""
+    # numpy is imported only where arrays are needed: a plain copy never needs it.
+    import numpy as np
+
     if code in ("BF16", "F8_E4M3", "F8_E5M2"):
         import ml_dtypes
 
@@ -128,6 +132,8 @@ class Checkpoint:
 
     def array(self, name: str) -> np.ndarray:
         """The tensor as a read-only numpy array of its own dtype and shape (no copy)."""
+        import numpy as np
+
         info = self.tensors[name]
         return np.frombuffer(self.raw(name), dtype=numpy_dtype(info.dtype)).reshape(info.shape)
 

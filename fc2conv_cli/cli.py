@@ -25,7 +25,7 @@ from fc2conv_cli.errors import (
 
 __all__ = ["cli", "main", "run"]
 
-_ATOL_DEFAULT = 1e-6  # keep in step with check.DEFAULT_ATOL (a test pins it)
+_ATOL_DEFAULT = 1e-6  # keep in step with pipeline.DEFAULT_ATOL (a test pins it)
 
 _CONVERT_HELP = """Convert the FC layers named in MAP of checkpoint INPUT into conv weights.
 

@@ -9,16 +9,24 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fc2conv_cli import __version__
-from fc2conv_cli.check import DEFAULT_ATOL, LayerCheck, check_copies, check_index, check_layer
 from fc2conv_cli.checkpoint import open_checkpoint, open_safetensors, sha256_in_background
 from fc2conv_cli.errors import EXIT_CHECK_FAILED, EXIT_OK, CheckFailed
 from fc2conv_cli.layer_map import read_layer_map
 from fc2conv_cli.plan import Plan, build_plan
 from fc2conv_cli.write import check_output_path, write_safetensors
 
-__all__ = ["ConvertOptions", "ConvertResult", "convert"]
+if TYPE_CHECKING:
+    from fc2conv_cli.check import LayerCheck
+    from fc2conv_cli.checkpoint import Checkpoint
+
+__all__ = ["DEFAULT_ATOL", "ConvertOptions", "ConvertResult", "convert"]
+
+# A correct conversion differs by ~1e-12 in float64; a wrong layout or a corrupt byte by
+# orders of magnitude more. 1e-6 leaves room for huge weights without hiding real errors.
+DEFAULT_ATOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -102,7 +110,10 @@ def convert(options: ConvertOptions) -> ConvertResult:
     return _finish(result, started, published=True)
 
 
-def _checked(result: ConvertResult, source, written) -> ConvertResult:
+def _checked(result: ConvertResult, source: Checkpoint, written: Checkpoint) -> ConvertResult:
+    # Imported here, with numpy: a --no-check copy needs neither.
+    from fc2conv_cli.check import check_copies, check_index, check_layer
+
     options, plan = result.options, result.plan
     index_problems = check_index(plan, written)
     if index_problems:

@@ -16,8 +16,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from fc2conv_cli.checkpoint import SAFETENSORS_SUFFIXES, Checkpoint
 from fc2conv_cli.errors import OutputError
 from fc2conv_cli.layout import WeightFormat
@@ -171,6 +169,8 @@ def _write_tensor(file, planned: PlannedTensor, checkpoint: Checkpoint) -> None:
         for start in range(0, len(raw), CHUNK_BYTES):
             file.write(raw[start : start + CHUNK_BYTES])
         return
+    import numpy as np  # only here: a plain copy never needs numpy
+
     # Rows are output filters. An in_out kernel is read column-wise through the memory map.
     weight = checkpoint.array(planned.source)
     rows = weight if conversion.weight_format is WeightFormat.OUT_IN else weight.T

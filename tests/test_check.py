@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from fc2conv_cli.check import (
-    DEFAULT_ATOL,
     check_copies,
     check_index,
     check_layer,
@@ -16,6 +15,7 @@ from fc2conv_cli.check import (
 )
 from fc2conv_cli.checkpoint import Checkpoint, TensorInfo
 from fc2conv_cli.layer_map import parse_layer_map
+from fc2conv_cli.pipeline import DEFAULT_ATOL
 from fc2conv_cli.plan import build_plan
 
 torch = pytest.importorskip("torch")

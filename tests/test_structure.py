@@ -11,7 +11,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 import fc2conv_cli
-from fc2conv_cli import check, cli
+from fc2conv_cli import cli, pipeline
 
 PACKAGE = Path(fc2conv_cli.__file__).parent
 # The pipeline's order; a module may import only modules before it.
@@ -63,7 +63,7 @@ def test_library_modules_do_not_import_click_or_print():
 
 
 def test_cli_default_atol_is_the_checks_default():
-    assert cli._ATOL_DEFAULT == check.DEFAULT_ATOL
+    assert cli._ATOL_DEFAULT == pipeline.DEFAULT_ATOL
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -103,3 +103,24 @@ def test_help_imports_neither_torch_nor_numpy_and_errors_not_torch():
         "print('torch' in sys.modules)\n"
     )
     assert result.stdout.strip().splitlines()[-2:] == ["[]", "False"], result.stdout + result.stderr
+
+
+def test_a_plain_copy_without_checks_never_imports_numpy(tmp_path):
+    save_file({"fc.weight": np.ones((4, 12), np.float32)}, str(tmp_path / "in.safetensors"))
+    (tmp_path / "map.yaml").write_text("version: 1\nlayout: chw\nlayers: [{name: fc}]\n")
+    args = [
+        "convert",
+        str(tmp_path / "in.safetensors"),
+        "--map",
+        str(tmp_path / "map.yaml"),
+        "-o",
+        str(tmp_path / "out.safetensors"),
+        "--no-check",
+    ]
+    result = run_python(
+        "import sys\nfrom fc2conv_cli.cli import run\n"
+        f"code = run({args!r})\n"
+        "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules), code)\n"
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[] 0", result.stdout + result.stderr
+    assert (tmp_path / "out.safetensors").stat().st_size > 4 * 48
