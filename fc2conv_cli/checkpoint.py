@@ -38,6 +38,7 @@ __all__ = [
     "numpy_dtype",
     "open_checkpoint",
     "open_safetensors",
+    "read_safetensors_metadata",
     "sha256_in_background",
 ]
 
@@ -232,27 +233,43 @@ def _mapped(file) -> Iterator[memoryview]:
 _Index = dict[str, tuple[str, tuple[int, ...]]]
 
 
-def _read_safetensors(path: Path) -> tuple[_Index, dict[str, memoryview], tuple, Callable]:
-    """Parse and validate the header; map the file; hand out slices of the data buffer."""
-    size = path.stat().st_size
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, reading and validating its header only."""
+    with open(path, "rb") as file:
+        header, _ = _read_header(path, file)
+    metadata = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+
+
+def _read_header(path: Path, file) -> tuple[dict, int]:
+    """Parse and validate the JSON header at the start of ``file``; returns it and its length."""
+    size = os.fstat(file.fileno()).st_size
     bad = f"{path}: not a valid safetensors file"
     if size < 8:
         raise CheckpointError(f"{bad}: {size} bytes is too short for the 8-byte header length")
+    header_len = int.from_bytes(file.read(8), "little")
+    if header_len > min(size - 8, _MAX_HEADER_BYTES):
+        raise CheckpointError(
+            f"{bad}: header length {header_len} runs past the end of the "
+            f"{size}-byte file (truncated or corrupt)"
+        )
+    try:
+        header = json.loads(file.read(header_len).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{bad}: header is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{bad}: header is not JSON ({exc.msg})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{bad}: header is not a JSON object")
+    return header, header_len
+
+
+def _read_safetensors(path: Path) -> tuple[_Index, dict[str, memoryview], tuple, Callable]:
+    """Parse and validate the header; map the file; hand out slices of the data buffer."""
     with open(path, "rb") as file:
-        header_len = int.from_bytes(file.read(8), "little")
-        if header_len > min(size - 8, _MAX_HEADER_BYTES):
-            raise CheckpointError(
-                f"{bad}: header length {header_len} runs past the end of the "
-                f"{size}-byte file (truncated or corrupt)"
-            )
-        header_bytes = file.read(header_len)
-        try:
-            header = json.loads(header_bytes.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise CheckpointError(f"{bad}: header is not UTF-8") from None
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{bad}: header is not JSON ({exc.msg})") from None
-        index, spans = _validate_header(header, size - 8 - header_len, bad)
+        header, header_len = _read_header(path, file)
+        data_len = os.fstat(file.fileno()).st_size - 8 - header_len
+        index, spans = _validate_header(header, data_len, f"{path}: not a valid safetensors file")
         mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
     view = memoryview(mapped)
     start = 8 + header_len
@@ -268,10 +285,8 @@ def _read_safetensors(path: Path) -> tuple[_Index, dict[str, memoryview], tuple,
     return index, buffers, (), close
 
 
-def _validate_header(header: Any, data_len: int, bad: str) -> tuple[_Index, dict]:
+def _validate_header(header: dict, data_len: int, bad: str) -> tuple[_Index, dict]:
     """Check every entry like safetensors does: known dtype, sizes, contiguous offsets."""
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{bad}: header is not a JSON object")
     index: _Index = {}
     spans: dict[str, tuple[int, int]] = {}
     for name, entry in header.items():

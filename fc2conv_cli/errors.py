@@ -18,6 +18,7 @@ __all__ = [
     "CheckpointError",
     "Fc2convError",
     "InputError",
+    "ManifestError",
     "MapError",
     "OutputError",
     "PlanError",
@@ -52,6 +53,16 @@ class MapError(InputError):
     """The YAML layer map is invalid. ``problems`` lists every one found, one line each."""
 
     code = "map_error"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+class ManifestError(InputError):
+    """The batch manifest (or the list of inputs) is invalid; every problem, one line each."""
+
+    code = "manifest_error"
 
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))

@@ -1,0 +1,152 @@
+"""The batch manifest: which checkpoints to convert with which map, and where outputs go.
+
+Outputs mirror the inputs' paths relative to the manifest's folder (or, for inputs given
+on the command line, to their common folder) under the output folder, with the suffix
+``.safetensors``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fc2conv_cli.errors import ManifestError
+
+__all__ = ["BatchItem", "items_from_inputs", "read_manifest", "select_shard"]
+
+_TOP_KEYS = ("version", "output_dir", "jobs")
+_JOB_KEYS = ("inputs", "map")
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass(frozen=True, order=True)
+class BatchItem:
+    """One file to convert: ``relative`` is its path as mirrored under the output folder."""
+
+    relative: str
+    input: Path
+    map_path: Path
+    output: Path
+
+
+def read_manifest(path: Path, output_dir: Path | None = None) -> tuple[BatchItem, ...]:
+    """Expand a manifest's globs into sorted items; raises ``ManifestError`` listing problems.
+
+    ``output_dir`` (the ``-o`` option) overrides the manifest's ``output_dir``.
+    """
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError([f"{path}: manifest not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError([f"{path}: cannot read manifest: {exc}"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ManifestError([f"{path}:{where}: YAML syntax error: {exc}".splitlines()[0]]) from None
+    problems: list[str] = []
+    folder = path.parent
+    if not isinstance(doc, Mapping):
+        raise ManifestError([f"{path}: expected a mapping with version, output_dir and jobs"])
+    for key in doc:
+        if key not in _TOP_KEYS:
+            problems.append(f"{path}: unknown key {key!r}; allowed: {', '.join(_TOP_KEYS)}")
+    if doc.get("version") != 1:
+        problems.append(f"{path}: version: expected 1, got {doc.get('version')!r}")
+    target = output_dir
+    if target is None:
+        if not isinstance(doc.get("output_dir"), str):
+            problems.append(f"{path}: output_dir: expected a folder (or pass -o OUTDIR)")
+        else:
+            target = folder / doc["output_dir"]
+    jobs = doc.get("jobs")
+    if not isinstance(jobs, list) or not jobs:
+        problems.append(f"{path}: jobs: expected a non-empty list of {{inputs, map}}")
+        jobs = []
+    pairs: list[tuple[Path, Path]] = []
+    for index, job in enumerate(jobs):
+        pairs += _expand_job(path, folder, index, job, problems)
+    if problems or target is None:
+        raise ManifestError(problems)
+    return _items(pairs, folder, target, str(path))
+
+
+def items_from_inputs(
+    inputs: Sequence[Path], map_path: Path, output_dir: Path
+) -> tuple[BatchItem, ...]:
+    """Items for inputs named on the command line, mirrored from their common folder."""
+    problems = [f"{p}: no such file" for p in inputs if not p.is_file()]
+    if problems:
+        raise ManifestError(problems)
+    absolute = [p.resolve() for p in inputs]
+    common = Path(os.path.commonpath([p.parent for p in absolute]))
+    return _items([(p, map_path) for p in absolute], common, output_dir, "inputs")
+
+
+def select_shard(items: Sequence[BatchItem], index: int, count: int) -> tuple[BatchItem, ...]:
+    """Shard ``index`` of ``count`` (1-based): every count-th item of the sorted list.
+
+    Shards 1..count together hold every item exactly once, whatever the machine.
+    """
+    return tuple(sorted(items)[index - 1 :: count])
+
+
+def _expand_job(
+    path: Path, folder: Path, index: int, job: Any, problems: list[str]
+) -> list[tuple[Path, Path]]:
+    where = f"{path}: jobs[{index}]"
+    if not isinstance(job, Mapping):
+        problems.append(f"{where}: expected a mapping with inputs and map")
+        return []
+    for key in job:
+        if key not in _JOB_KEYS:
+            problems.append(f"{where}: unknown key {key!r}; allowed: {', '.join(_JOB_KEYS)}")
+    pattern, map_name = job.get("inputs"), job.get("map")
+    if not isinstance(pattern, str) or not pattern.strip():
+        problems.append(f"{where}: inputs: expected a glob such as 'vgg16/**/*.pth'")
+        return []
+    if not isinstance(map_name, str) or not map_name.strip():
+        problems.append(f"{where}: map: expected the path of a layer map")
+        return []
+    map_path = folder / map_name
+    if not map_path.is_file():
+        problems.append(f"{where}: map: {map_path} does not exist")
+    if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+        problems.append(f"{where}: inputs: {pattern!r} must stay inside the manifest's folder")
+        return []
+    found = sorted(
+        p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in _CHECKPOINT_SUFFIXES
+    )
+    if not found:
+        problems.append(f"{where}: inputs: {pattern!r} matches no checkpoint under {folder}")
+    return [(p, map_path) for p in found]
+
+
+def _items(
+    pairs: list[tuple[Path, Path]], root: Path, output_dir: Path, source: str
+) -> tuple[BatchItem, ...]:
+    problems = []
+    items: dict[Path, BatchItem] = {}
+    seen_inputs: set[Path] = set()
+    for input_path, map_path in pairs:
+        if input_path.resolve() in seen_inputs:
+            problems.append(f"{source}: {input_path} is matched twice; list each file once")
+            continue
+        seen_inputs.add(input_path.resolve())
+        relative = input_path.relative_to(root).with_suffix(".safetensors")
+        output = output_dir / relative
+        if output in items:
+            problems.append(
+                f"{source}: {input_path} and {items[output].input} would both be written to "
+                f"{output}; rename one"
+            )
+            continue
+        items[output] = BatchItem(relative.as_posix(), input_path, map_path, output)
+    if problems:
+        raise ManifestError(problems)
+    return tuple(sorted(items.values()))
