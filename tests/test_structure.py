@@ -19,6 +19,7 @@ ORDER = [
     "errors",
     "layout",
     "layer_map",
+    "manifest",
     "checkpoint",
     "plan",
     "write",
