@@ -1,3 +1,5 @@
 from fc2conv_cli.cli import main
 
-main()
+# Guarded: batch workers re-import the main module when they start.
+if __name__ == "__main__":
+    main()

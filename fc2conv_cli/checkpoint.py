@@ -339,13 +339,19 @@ def _read_torch(path: Path, state_dict_key: str | None):
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_ok)
     except pickle.UnpicklingError as exc:
         blocked = re.findall(r"GLOBAL ([\w.]+)", str(exc))
-        if blocked or "Weights only load failed" in str(exc):
-            what = ", ".join(dict.fromkeys(blocked)) or "non-weight objects"
+        if blocked:
             raise CheckpointError(
                 f"{path}: refused: the pickle is not plain weights (weights_only=True blocked "
-                f"{what}); re-save it with torch.save(model.state_dict(), path)"
+                f"{', '.join(dict.fromkeys(blocked))}); re-save it with "
+                "torch.save(model.state_dict(), path)"
             ) from None
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from None
+        found = re.search(
+            r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", str(exc), re.S
+        )
+        reason = " ".join((found.group(1) if found else str(exc)).split())[:200]
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint (truncated or corrupt?): {reason}"
+        ) from None
     # torch.load raises no documented set of exceptions on corrupt input (RuntimeError from
     # the zip reader, EOFError, ValueError, ...): every one means "this file is unreadable".
     except Exception as exc:

@@ -7,6 +7,7 @@ the traceback is shown); 130 interrupted (Ctrl-C or SIGTERM; nothing written).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import traceback
@@ -130,6 +131,127 @@ def convert(
     return result.exit_code
 
 
+_BATCH_HELP = """Convert many checkpoints: every file of a MANIFEST, or INPUT files with --map.
+
+Each file is converted and checked exactly as `fc2conv convert` would (the same bytes
+come out), in --jobs worker processes reused across files. An output whose metadata
+records the same source SHA-256 and map is up to date and skipped, so a stopped batch,
+rerun, finishes the rest (--force converts again). A file that fails does not stop the
+others (unless --fail-fast). --shard I/N takes every N-th file of the sorted list, so N
+machines together convert every file exactly once.
+
+\b
+The manifest (globs and maps relative to its folder; outputs mirror the inputs' paths
+under output_dir with the suffix .safetensors):
+  version: 1
+  output_dir: converted/
+  jobs:
+    - inputs: "vgg16/**/*.pth"
+      map: ../sample_configs/vgg16.yaml
+
+\b
+Examples:
+  fc2conv batch zoo/manifest.yaml --jobs 4
+  fc2conv batch --map sample_configs/vgg16.yaml -o converted/ ckpts/*.pth
+
+\b
+Exit codes: 0 every file converted or up to date; 1 a file failed or a check failed;
+2 bad manifest or usage; 130 interrupted (finished outputs kept, no temp files left).
+"""
+
+
+def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
+    if value is None:
+        return None
+    index, _, count = value.partition("/")
+    if not (index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
+        raise click.BadParameter(f"expected I/N with 1 <= I <= N, e.g. 2/8; got {value!r}")
+    return int(index), int(count)
+
+
+@cli.command(help=_BATCH_HELP)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--map",
+    "map_path",
+    type=click.Path(path_type=Path),
+    help="Layer map for INPUT files (instead of a manifest).",
+)
+@click.option(
+    "-o",
+    "--output-dir",
+    type=click.Path(path_type=Path),
+    help="Output folder; overrides the manifest's output_dir.",
+)
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=os.cpu_count() or 1,
+    show_default="number of cores",
+    help="Worker processes.",
+)
+@click.option(
+    "--shard",
+    callback=_parse_shard,
+    metavar="I/N",
+    help="Convert only shard I of N of the sorted file list.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    metavar="PATH|-",
+    help="Also write the summary as JSON to PATH, or stdout with '-'.",
+)
+@click.option("--force", is_flag=True, help="Convert again even when the output is up to date.")
+@click.option("--dry-run", is_flag=True, help="Show what would be converted; write nothing.")
+@click.option("--fail-fast", is_flag=True, help="Start no new file after the first failure.")
+@click.option(
+    "--atol",
+    type=click.FloatRange(min=0),
+    default=_ATOL_DEFAULT,
+    show_default=True,
+    help="As for convert.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="As for convert.")
+def batch(
+    paths: tuple[Path, ...],
+    map_path: Path | None,
+    output_dir: Path | None,
+    jobs: int,
+    shard: tuple[int, int] | None,
+    json_path: str | None,
+    force: bool,
+    dry_run: bool,
+    fail_fast: bool,
+    atol: float,
+    seed: int,
+) -> int:
+    from fc2conv_cli import report
+    from fc2conv_cli.batch import BatchOptions, run_batch
+    from fc2conv_cli.manifest import items_from_inputs, read_manifest, select_shard
+
+    if map_path is not None:
+        if output_dir is None:
+            raise click.UsageError("with --map, give the output folder with -o OUTDIR")
+        items = items_from_inputs(paths, map_path, output_dir)
+    elif len(paths) != 1:
+        raise click.UsageError("give one MANIFEST.yaml, or --map MAP.yaml with INPUT files")
+    else:
+        items = read_manifest(paths[0], output_dir)
+    if shard is not None:
+        items = select_shard(items, *shard)
+    options = BatchOptions(jobs, force, dry_run, fail_fast, atol, seed)
+    messages = report.make_console(stderr=True)
+    total_bytes = sum(item.input.stat().st_size for item in items)
+    with report.BatchProgress(messages, len(items), total_bytes) as progress:
+        result = run_batch(items, options, progress.advance)
+    report.render_batch(report.make_console(stderr=json_path == "-"), result)
+    if json_path:
+        report.write_json(json_path, report.batch_json(result))
+    return result.exit_code
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and exit with the documented code."""
     signal.signal(signal.SIGTERM, _interrupt)
@@ -145,7 +267,7 @@ def run(argv: list[str] | None = None) -> int:
         error.show()
         return EXIT_INPUT_ERROR
     except (click.Abort, KeyboardInterrupt):
-        messages.print("interrupted: nothing was written", style="red")
+        messages.print("interrupted: no partial or temporary file was left", style="red")
         return EXIT_INTERRUPTED
     except Fc2convError as error:
         from fc2conv_cli.report import render_error

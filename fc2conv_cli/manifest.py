@@ -83,9 +83,8 @@ def items_from_inputs(
     problems = [f"{p}: no such file" for p in inputs if not p.is_file()]
     if problems:
         raise ManifestError(problems)
-    absolute = [p.resolve() for p in inputs]
-    common = Path(os.path.commonpath([p.parent for p in absolute]))
-    return _items([(p, map_path) for p in absolute], common, output_dir, "inputs")
+    common = Path(os.path.commonpath([p.absolute().parent for p in inputs]))
+    return _items([(p, map_path) for p in inputs], common, output_dir, "inputs")
 
 
 def select_shard(items: Sequence[BatchItem], index: int, count: int) -> tuple[BatchItem, ...]:
@@ -138,7 +137,8 @@ def _items(
             problems.append(f"{source}: {input_path} is matched twice; list each file once")
             continue
         seen_inputs.add(input_path.resolve())
-        relative = input_path.relative_to(root).with_suffix(".safetensors")
+        relative = Path(os.path.relpath(input_path.absolute(), root.absolute()))
+        relative = relative.with_suffix(".safetensors")
         output = output_dir / relative
         if output in items:
             problems.append(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -17,13 +17,19 @@ from rich.text import Text
 
 from fc2conv_cli import __version__
 from fc2conv_cli.errors import Fc2convError
-from fc2conv_cli.pipeline import ConvertResult
+
+if TYPE_CHECKING:
+    from fc2conv_cli.batch import BatchResult, FileOutcome
+    from fc2conv_cli.pipeline import ConvertResult
 
 __all__ = [
     "PIPE_WIDTH",
+    "BatchProgress",
+    "batch_json",
     "conversion_json",
     "error_json",
     "make_console",
+    "render_batch",
     "render_conversion",
     "render_error",
     "render_notes",
@@ -178,6 +184,115 @@ def write_json(destination: str, data: dict[str, Any]) -> None:
     else:
         with open(destination, "w", encoding="utf-8") as file:
             file.write(text)
+
+
+class BatchProgress:
+    """Progress of a batch: a live bar on a terminal, one plain line per file otherwise."""
+
+    def __init__(self, console: Console, total_files: int, total_bytes: int) -> None:
+        self.console = console
+        self.total_files = total_files
+        self.done = 0
+        self._progress = None
+        if console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("{task.fields[files]}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+            )
+            self._task = self._progress.add_task("batch", total=total_bytes, files=self._files())
+
+    def _files(self) -> str:
+        return f"{self.done}/{self.total_files} files"
+
+    def __enter__(self) -> BatchProgress:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def advance(self, outcome: FileOutcome) -> None:
+        """Count one finished file."""
+        self.done += 1
+        if self._progress is not None:
+            self._progress.update(self._task, advance=outcome.input_bytes, files=self._files())
+            return
+        line = f"[{self.done}/{self.total_files}] {outcome.status.value}: "
+        if outcome.error:  # errors name the file themselves
+            line += outcome.error
+        else:
+            line += f"{outcome.item.input} -> {outcome.item.output} ({outcome.seconds:.1f} s)"
+        self.console.print(Text(line), soft_wrap=True)
+
+
+def render_batch(console: Console, result: BatchResult) -> None:
+    """The summary table of a batch: one row per file, then the counts."""
+    table = Table()
+    for name in ("input", "output", "status"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("layers", justify="right")
+    table.add_column("max |diff|", justify="right")
+    table.add_column("seconds", justify="right")
+    table.add_column("error")
+    styles = {True: "green", False: "bold red"}
+    for outcome in result.outcomes:
+        table.add_row(
+            Text(str(outcome.item.input)),
+            Text(str(outcome.item.output)),
+            Text(outcome.status.value, style=styles[outcome.status.ok]),
+            str(outcome.layers) if outcome.layers else "-",
+            _diff(outcome.max_abs_diff) if outcome.max_abs_diff is not None else "-",
+            f"{outcome.seconds:.1f}",
+            Text(outcome.error or ""),
+        )
+    console.print(table)
+    counts = ", ".join(f"{n} {status}" for status, n in _counts(result).items())
+    console.print(Text(f"{len(result.outcomes)} files: {counts} | {result.seconds:.1f} s"))
+
+
+def batch_json(result: BatchResult) -> dict[str, Any]:
+    """The machine-readable summary of a batch."""
+    return {
+        "fc2conv_version": __version__,
+        "ok": result.ok,
+        "counts": _counts(result),
+        "seconds": round(result.seconds, 3),
+        "files": [
+            {
+                "input": str(o.item.input),
+                "output": str(o.item.output),
+                "map": str(o.item.map_path),
+                "status": o.status.value,
+                "layers": o.layers,
+                "max_abs_diff": o.max_abs_diff,
+                "seconds": round(o.seconds, 3),
+                "error": o.error,
+            }
+            for o in result.outcomes
+        ],
+    }
+
+
+def _counts(result: BatchResult) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for outcome in result.outcomes:
+        counts[outcome.status.value] = counts.get(outcome.status.value, 0) + 1
+    return counts
 
 
 def _title(result: ConvertResult) -> Text:

@@ -25,6 +25,7 @@ ORDER = [
     "write",
     "check",
     "pipeline",
+    "batch",
     "report",
     "cli",
 ]
