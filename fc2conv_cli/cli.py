@@ -11,7 +11,9 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -23,6 +25,9 @@ from fc2conv_cli.errors import (
     EXIT_INTERRUPTED,
     Fc2convError,
 )
+
+if TYPE_CHECKING:
+    from fc2conv_cli.pipeline import ConvertOptions, ConvertResult
 
 __all__ = ["cli", "main", "run"]
 
@@ -107,14 +112,24 @@ def convert(
     force: bool,
     seed: int,
 ) -> int:
-    from fc2conv_cli import report
     from fc2conv_cli.pipeline import ConvertOptions, convert
 
     options = ConvertOptions(input_path, map_path, output, atol, not no_check, dry_run, force, seed)
+    return _report_conversion(convert, options, json_path)
+
+
+def _report_conversion(
+    action: Callable[[ConvertOptions], ConvertResult],
+    options: ConvertOptions,
+    json_path: str | None,
+) -> int:
+    """Run ``convert`` or ``verify`` and render its table, notes and JSON."""
+    from fc2conv_cli import report
+
     table_console = report.make_console(stderr=json_path == "-")
     messages = report.make_console(stderr=True)
     try:
-        result = convert(options)
+        result = action(options)
     except Fc2convError as error:
         failed = getattr(error, "result", None)
         if failed is not None:
@@ -122,13 +137,64 @@ def convert(
         if json_path:
             report.write_json(json_path, report.error_json(error))
         raise
-    if dry_run:
+    if options.dry_run:
         report.render_plan(table_console, result)
     report.render_conversion(table_console, result)
     report.render_notes(messages, result)
     if json_path:
         report.write_json(json_path, report.conversion_json(result))
     return result.exit_code
+
+
+_VERIFY_HELP = """Check a CONVERTED file against its ORIGINAL checkpoint and MAP; write nothing.
+
+Every rule's tensors must be present with the right shapes and pass the float64
+equivalence and dense checks; every other tensor must be byte-equal to the original's;
+nothing may be missing or extra. Prints the same table (and --json) as convert.
+
+\b
+Example:
+  fc2conv verify vgg16.pth vgg16_fcn.safetensors --map sample_configs/vgg16.yaml
+
+\b
+Exit codes: 0 all good; 1 any difference (the table and the error line say which);
+2 bad input or usage.
+"""
+
+
+@cli.command(help=_VERIFY_HELP)
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("converted", type=click.Path(path_type=Path))
+@click.option(
+    "--map",
+    "map_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The layer map the file was converted with.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    metavar="PATH|-",
+    help="Also write the report as JSON to PATH, or stdout with '-'.",
+)
+@click.option(
+    "--atol",
+    type=click.FloatRange(min=0),
+    default=_ATOL_DEFAULT,
+    show_default=True,
+    help="Largest |fc - conv| (float64) a check accepts.",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the checks' random inputs."
+)
+def verify(
+    original: Path, converted: Path, map_path: Path, json_path: str | None, atol: float, seed: int
+) -> int:
+    from fc2conv_cli.pipeline import ConvertOptions, verify
+
+    options = ConvertOptions(original, map_path, converted, atol, seed=seed)
+    return _report_conversion(verify, options, json_path)
 
 
 _BATCH_HELP = """Convert many checkpoints: every file of a MANIFEST, or INPUT files with --map.

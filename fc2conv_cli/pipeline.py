@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from fc2conv_cli.check import LayerCheck
     from fc2conv_cli.checkpoint import Checkpoint
 
-__all__ = ["DEFAULT_ATOL", "ConvertOptions", "ConvertResult", "convert"]
+__all__ = ["DEFAULT_ATOL", "ConvertOptions", "ConvertResult", "convert", "verify"]
 
 # A correct conversion differs by ~1e-12 in float64; a wrong layout or a corrupt byte by
 # orders of magnitude more. 1e-6 leaves room for huge weights without hiding real errors.
@@ -57,6 +57,7 @@ class ConvertResult:
     output_bytes: int = 0
     seconds: float = 0.0
     published: bool = False
+    verified: bool = False  # from `verify`: the output existed already, nothing was written
 
     @property
     def checked(self) -> bool:
@@ -110,18 +111,55 @@ def convert(options: ConvertOptions) -> ConvertResult:
     return _finish(result, started, published=True)
 
 
+def verify(options: ConvertOptions) -> ConvertResult:
+    """Check an existing converted file (``options.output``) against its source and map.
+
+    Writes nothing. Every rule's tensors must be present with the planned shapes and pass
+    the equivalence and dense checks; every other tensor must be byte-equal to the
+    source's; nothing may be missing or extra. Raises ``InputError`` (2) or
+    ``CheckFailed`` (1).
+    """
+    started = time.perf_counter()
+    layer_map = read_layer_map(options.map_path)
+    with (
+        open_checkpoint(
+            options.input, layer_map.strip_prefixes, layer_map.state_dict_key
+        ) as source,
+        open_checkpoint(options.output) as converted,
+    ):
+        plan = build_plan(source.tensors, layer_map)
+        result = ConvertResult(
+            options,
+            source.kind,
+            plan,
+            source.notes,
+            output_bytes=options.output.stat().st_size,
+            verified=True,
+        )
+        result = _finish(_checked(result, source, converted), started)
+    if not result.ok:
+        raise CheckFailed(_failure_message(result), result)
+    return result
+
+
 def _checked(result: ConvertResult, source: Checkpoint, written: Checkpoint) -> ConvertResult:
     # Imported here, with numpy: a --no-check copy needs neither.
     from fc2conv_cli.check import check_copies, check_index, check_layer
 
     options, plan = result.options, result.plan
+    # Tensors that are missing or misshapen are reported as such; the rest are checked.
     index_problems = check_index(plan, written)
-    if index_problems:
-        return replace(result, index_problems=index_problems)
     checks = tuple(
-        check_layer(layer, source, written, options.atol, options.seed) for layer in plan.layers
+        check_layer(layer, source, written, options.atol, options.seed)
+        for layer in plan.layers
+        if not {layer.weight.name, layer.bias.name if layer.bias else ""} & set(index_problems)
     )
-    return replace(result, checks=checks, copy_mismatches=check_copies(plan, source, written))
+    return replace(
+        result,
+        checks=checks,
+        copy_mismatches=check_copies(plan, source, written, skip=index_problems),
+        index_problems=tuple(f"{name}: {problem}" for name, problem in index_problems.items()),
+    )
 
 
 def _failure_message(result: ConvertResult) -> str:
@@ -132,7 +170,8 @@ def _failure_message(result: ConvertResult) -> str:
     if result.copy_mismatches:
         parts.append(f"copied tensors differ from the source: {', '.join(result.copy_mismatches)}")
     parts += result.index_problems
-    return f"check failed, nothing written: {'; '.join(parts)}"
+    outcome = "differs from its source" if result.verified else "check failed, nothing written"
+    return f"{outcome}: {'; '.join(parts)}"
 
 
 def _finish(result: ConvertResult, started: float, published: bool = False) -> ConvertResult:

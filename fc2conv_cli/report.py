@@ -153,6 +153,7 @@ def conversion_json(result: ConvertResult) -> dict[str, Any]:
         "input_format": result.input_format,
         "output": str(options.output),
         "published": result.published,
+        "verified": result.verified,
         "dry_run": options.dry_run,
         "checked": result.checked,
         "atol": options.atol,
@@ -297,15 +298,21 @@ def _counts(result: BatchResult) -> dict[str, int]:
 
 def _title(result: ConvertResult) -> Text:
     options = result.options
-    verb = "dry run" if options.dry_run else "converted"
+    verb = "dry run" if options.dry_run else "verified" if result.verified else "converted"
     return Text(f"fc2conv {verb}: {options.input} -> {options.output}")
 
 
 def _footer(result: ConvertResult) -> str:
-    parts = [f"{len(result.plan.layers)} layers converted"]
+    verb = "checked" if result.verified else "converted"
+    parts = [f"{len(result.plan.layers)} layers {verb}"]
     copied = len(result.plan.copied)
     if result.options.dry_run:
         parts.append(f"{copied} tensors to copy; nothing written (dry run)")
+    elif result.verified:
+        same = "byte-identical" if not result.copy_mismatches else "DIFFERENT"
+        parts.append(f"{copied} copied tensors {same} to the source")
+        if result.index_problems:
+            parts.append("; ".join(result.index_problems))
     else:
         same = "byte-identical" if result.checked and not result.copy_mismatches else "unchecked"
         parts.append(f"{copied} tensors copied ({same})")
