@@ -146,6 +146,59 @@ def _report_conversion(
     return result.exit_code
 
 
+_INSPECT_HELP = """Show what checkpoint INPUT holds; with --suggest-map, write its layer map.
+
+The table lists tensor groups (prefixes) with shapes, dtypes and sizes, marking the conv
+backbone and the FC head. --suggest-map finds the FC chain by matching sizes, infers the
+first FC's kernel and in_channels from the conv that feeds it, guesses the flatten
+order from the weights (trained weights are smooth over neighbouring positions; random
+weights cannot tell, and on a square map h/w-swapped orders cannot be told apart), and
+writes a commented map that converts as written. The map goes to -o MAP.yaml, or to
+stdout (the table then goes to stderr).
+
+\b
+Example:
+  fc2conv inspect vgg16.pth --suggest-map -o vgg16.yaml
+"""
+
+
+@cli.command(help=_INSPECT_HELP)
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("--suggest-map", is_flag=True, help="Suggest a layer map for this checkpoint.")
+@click.option(
+    "-o",
+    "--output",
+    "map_output",
+    type=click.Path(path_type=Path),
+    help="Write the suggested map here (implies --suggest-map).",
+)
+@click.option("--force", is_flag=True, help="Replace the -o file if it exists.")
+@click.option(
+    "--json", "json_path", metavar="PATH|-", help="Also write the report as JSON to PATH or '-'."
+)
+def inspect(
+    input_path: Path,
+    suggest_map: bool,
+    map_output: Path | None,
+    force: bool,
+    json_path: str | None,
+) -> int:
+    from fc2conv_cli import report
+    from fc2conv_cli.pipeline import inspect
+
+    suggest_map = suggest_map or map_output is not None
+    map_to_stdout = suggest_map and map_output is None
+    if map_to_stdout and json_path == "-":
+        raise click.UsageError("--json - and a map on stdout collide: give the map -o MAP.yaml")
+    result = inspect(input_path, suggest_map, map_output, force)
+    report.render_inspect(report.make_console(stderr=map_to_stdout or json_path == "-"), result)
+    if map_to_stdout:
+        report.write_stdout(result.suggestion.text)
+    if json_path:
+        report.write_json(json_path, report.inspect_json(result))
+    return 0
+
+
 _VERIFY_HELP = """Check a CONVERTED file against its ORIGINAL checkpoint and MAP; write nothing.
 
 Every rule's tensors must be present with the right shapes and pass the float64

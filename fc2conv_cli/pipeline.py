@@ -13,16 +13,25 @@ from typing import TYPE_CHECKING
 
 from fc2conv_cli import __version__
 from fc2conv_cli.checkpoint import open_checkpoint, open_safetensors, sha256_in_background
-from fc2conv_cli.errors import EXIT_CHECK_FAILED, EXIT_OK, CheckFailed
+from fc2conv_cli.errors import EXIT_CHECK_FAILED, EXIT_OK, CheckFailed, OutputError
 from fc2conv_cli.layer_map import read_layer_map
 from fc2conv_cli.plan import Plan, build_plan
-from fc2conv_cli.write import check_output_path, write_safetensors
+from fc2conv_cli.suggest import CheckpointSummary, SuggestedMap, suggest_map, summarize
+from fc2conv_cli.write import check_output_path, write_safetensors, write_text
 
 if TYPE_CHECKING:
     from fc2conv_cli.check import LayerCheck
     from fc2conv_cli.checkpoint import Checkpoint
 
-__all__ = ["DEFAULT_ATOL", "ConvertOptions", "ConvertResult", "convert", "verify"]
+__all__ = [
+    "DEFAULT_ATOL",
+    "ConvertOptions",
+    "ConvertResult",
+    "InspectResult",
+    "convert",
+    "inspect",
+    "verify",
+]
 
 # A correct conversion differs by ~1e-12 in float64; a wrong layout or a corrupt byte by
 # orders of magnitude more. 1e-6 leaves room for huge weights without hiding real errors.
@@ -109,6 +118,31 @@ def convert(options: ConvertOptions) -> ConvertResult:
         finally:
             staged.discard()
     return _finish(result, started, published=True)
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    """A checkpoint's summary and, if asked for, a suggested layer map."""
+
+    summary: CheckpointSummary
+    suggestion: SuggestedMap | None
+
+
+def inspect(
+    path: Path, suggest: bool = False, map_output: Path | None = None, force: bool = False
+) -> InspectResult:
+    """Summarize a checkpoint; suggest a map (and write it to ``map_output``) if asked.
+
+    Raises ``InputError`` (2).
+    """
+    if map_output is not None and map_output.exists() and not force:
+        raise OutputError(f"{map_output}: already exists; pass --force to replace it")
+    with open_checkpoint(path) as checkpoint:
+        summary = summarize(checkpoint)
+        suggestion = suggest_map(checkpoint, path.name) if suggest else None
+    if map_output is not None and suggestion is not None:
+        write_text(map_output, suggestion.text, overwrite=force)
+    return InspectResult(summary, suggestion)
 
 
 def verify(options: ConvertOptions) -> ConvertResult:

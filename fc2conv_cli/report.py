@@ -20,7 +20,7 @@ from fc2conv_cli.errors import Fc2convError
 
 if TYPE_CHECKING:
     from fc2conv_cli.batch import BatchResult, FileOutcome
-    from fc2conv_cli.pipeline import ConvertResult
+    from fc2conv_cli.pipeline import ConvertResult, InspectResult
 
 __all__ = [
     "PIPE_WIDTH",
@@ -28,13 +28,16 @@ __all__ = [
     "batch_json",
     "conversion_json",
     "error_json",
+    "inspect_json",
     "make_console",
     "render_batch",
     "render_conversion",
     "render_error",
+    "render_inspect",
     "render_notes",
     "render_plan",
     "write_json",
+    "write_stdout",
 ]
 
 # Rich assumes 80 columns when not writing to a terminal; CI logs read better unwrapped.
@@ -287,6 +290,97 @@ def batch_json(result: BatchResult) -> dict[str, Any]:
             for o in result.outcomes
         ],
     }
+
+
+def render_inspect(console: Console, result: InspectResult) -> None:
+    """The checkpoint's tensor groups, totals, and the suggested map's evidence."""
+    summary = result.summary
+    console.print(Text(f"fc2conv inspect: {summary.path} ({summary.kind})"))
+    table = Table()
+    table.add_column("group", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("tensors (shape, dtype)")
+    table.add_column("size", justify="right", no_wrap=True)
+    for group in summary.groups:
+        tensors = "; ".join(
+            f"{t.name[len(group.prefix) + 1 :] or t.name} {_shape(t.shape)} {t.dtype}"
+            for t in group.tensors
+        )
+        table.add_row(Text(group.prefix), group.kind, Text(tensors), _size(group.nbytes))
+    console.print(table)
+    kinds = [g.kind for g in summary.groups]
+    console.print(
+        Text(
+            f"{summary.tensor_count} tensors in {len(kinds)} groups | {_size(summary.nbytes)} | "
+            f"conv backbone: {kinds.count('conv')} layers | FC head: {kinds.count('fc')} layers"
+        )
+    )
+    for note in summary.notes:
+        console.print(Text(f"note: {note}"))
+    suggestion = result.suggestion
+    if suggestion is not None:
+        kernel = "x".join(map(str, suggestion.kernel))
+        console.print(
+            Text(
+                f"suggested map: {' -> '.join(suggestion.layers)}; first FC reads "
+                f"{suggestion.in_channels} channels x {kernel}"
+            )
+        )
+        guess = suggestion.layout_guess
+        if guess is not None:
+            console.print(Text(f"layout: {guess.reason}"))
+        for note in suggestion.ambiguities:
+            console.print(Text(f"check: {note}", style="yellow"))
+
+
+def inspect_json(result: InspectResult) -> dict[str, Any]:
+    """The machine-readable inspect report."""
+    summary, suggestion = result.summary, result.suggestion
+    report: dict[str, Any] = {
+        "fc2conv_version": __version__,
+        "input": summary.path,
+        "input_format": summary.kind,
+        "tensors": summary.tensor_count,
+        "bytes": summary.nbytes,
+        "notes": list(summary.notes),
+        "groups": [
+            {
+                "prefix": g.prefix,
+                "kind": g.kind,
+                "bytes": g.nbytes,
+                "tensors": [
+                    {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in g.tensors
+                ],
+            }
+            for g in summary.groups
+        ],
+        "suggested_map": None,
+    }
+    if suggestion is not None:
+        guess = suggestion.layout_guess
+        report["suggested_map"] = {
+            "text": suggestion.text,
+            "layers": list(suggestion.layers),
+            "in_channels": suggestion.in_channels,
+            "kernel": list(suggestion.kernel),
+            "ambiguities": list(suggestion.ambiguities),
+            "layout_guess": None
+            if guess is None
+            else {
+                "best": guess.best.axes if guess.best else None,
+                "twin": guess.twin,
+                "confidence": guess.confidence,
+                "scores": dict(guess.scores),
+                "reason": guess.reason,
+            },
+        }
+    return report
+
+
+def write_stdout(text: str) -> None:
+    """Data for a pipe (a suggested map): plain text on stdout, nothing added."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _counts(result: BatchResult) -> dict[str, int]:

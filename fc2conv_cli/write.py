@@ -21,7 +21,13 @@ from fc2conv_cli.errors import OutputError
 from fc2conv_cli.layout import WeightFormat
 from fc2conv_cli.plan import Plan, PlannedTensor
 
-__all__ = ["CHUNK_BYTES", "StagedFile", "check_output_path", "write_safetensors"]
+__all__ = [
+    "CHUNK_BYTES",
+    "StagedFile",
+    "check_output_path",
+    "write_safetensors",
+    "write_text",
+]
 
 # Bytes are copied and converted in pieces of this size, so memory stays flat whatever
 # the checkpoint's size; 8 MiB is large enough that per-call overhead is negligible.
@@ -143,6 +149,24 @@ def write_safetensors(
         _remove(temp)
         raise
     return StagedFile(temp, target, size, fd, header, _flush_in_background(fd))
+
+
+def write_text(target: Path, text: str, overwrite: bool) -> None:
+    """Write a small text file (a suggested map) atomically; never clobber without overwrite."""
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target}: already exists; pass --force to replace it")
+    if not target.parent.is_dir():
+        raise OutputError(f"{target}: output folder {target.parent} does not exist")
+    temp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(temp, "x", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, target)
+    except OSError as exc:
+        _remove(temp)
+        raise OutputError(f"{target}: cannot write: {exc.strerror or exc}") from None
 
 
 def _header(plan: Plan, metadata: Mapping[str, str]) -> bytes:

@@ -22,6 +22,7 @@ ORDER = [
     "manifest",
     "checkpoint",
     "plan",
+    "suggest",
     "write",
     "check",
     "pipeline",
