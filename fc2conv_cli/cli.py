@@ -64,19 +64,19 @@ def cli() -> None:
 
 
 @cli.command(help=_CONVERT_HELP)
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path, readable=False))
 @click.option(
     "--map",
     "map_path",
     required=True,
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, readable=False),
     help="YAML layer map: which FC layers, their kernel and flatten layout (see README).",
 )
 @click.option(
     "-o",
     "--output",
     required=True,
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, readable=False),
     help="Output .safetensors file; never the input.",
 )
 @click.option(
@@ -163,13 +163,13 @@ Example:
 
 
 @cli.command(help=_INSPECT_HELP)
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path, readable=False))
 @click.option("--suggest-map", is_flag=True, help="Suggest a layer map for this checkpoint.")
 @click.option(
     "-o",
     "--output",
     "map_output",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, readable=False),
     help="Write the suggested map here (implies --suggest-map).",
 )
 @click.option("--force", is_flag=True, help="Replace the -o file if it exists.")
@@ -216,13 +216,13 @@ Exit codes: 0 all good; 1 any difference (the table and the error line say which
 
 
 @cli.command(help=_VERIFY_HELP)
-@click.argument("original", type=click.Path(path_type=Path))
-@click.argument("converted", type=click.Path(path_type=Path))
+@click.argument("original", type=click.Path(path_type=Path, readable=False))
+@click.argument("converted", type=click.Path(path_type=Path, readable=False))
 @click.option(
     "--map",
     "map_path",
     required=True,
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, readable=False),
     help="The layer map the file was converted with.",
 )
 @click.option(
@@ -289,17 +289,17 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
 
 
 @cli.command(help=_BATCH_HELP)
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path, readable=False))
 @click.option(
     "--map",
     "map_path",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, readable=False),
     help="Layer map for INPUT files (instead of a manifest).",
 )
 @click.option(
     "-o",
     "--output-dir",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, readable=False),
     help="Output folder; overrides the manifest's output_dir.",
 )
 @click.option(
