@@ -33,6 +33,26 @@ __all__ = ["cli", "main", "run"]
 
 _ATOL_DEFAULT = 1e-6  # keep in step with pipeline.DEFAULT_ATOL (a test pins it)
 
+# Unreadable paths are left to the readers, which report them in one line.
+_PATH = click.Path(path_type=Path, readable=False)
+_json_option = click.option(
+    "--json",
+    "json_path",
+    metavar="PATH|-",
+    help="Also write the report as JSON to PATH, or to stdout with '-' (the table then "
+    "goes to stderr).",
+)
+_atol_option = click.option(
+    "--atol",
+    type=click.FloatRange(min=0),
+    default=_ATOL_DEFAULT,
+    show_default=True,
+    help="Largest |fc - conv| (float64) a check accepts.",
+)
+_seed_option = click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the checks' random inputs."
+)
+
 _CONVERT_HELP = """Convert the FC layers named in MAP of checkpoint INPUT into conv weights.
 
 INPUT is a .safetensors file or a PyTorch checkpoint (.pt, .pth, .bin, .ckpt), read with
@@ -64,43 +84,29 @@ def cli() -> None:
 
 
 @cli.command(help=_CONVERT_HELP)
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path, readable=False))
+@click.argument("input_path", metavar="INPUT", type=_PATH)
 @click.option(
     "--map",
     "map_path",
     required=True,
-    type=click.Path(path_type=Path, readable=False),
+    type=_PATH,
     help="YAML layer map: which FC layers, their kernel and flatten layout (see README).",
 )
 @click.option(
     "-o",
     "--output",
     required=True,
-    type=click.Path(path_type=Path, readable=False),
+    type=_PATH,
     help="Output .safetensors file; never the input.",
 )
-@click.option(
-    "--json",
-    "json_path",
-    metavar="PATH|-",
-    help="Also write the report as JSON to PATH, or to stdout with '-' (the table then "
-    "goes to stderr).",
-)
-@click.option(
-    "--atol",
-    type=click.FloatRange(min=0),
-    default=_ATOL_DEFAULT,
-    show_default=True,
-    help="Largest |fc - conv| (float64) a check accepts.",
-)
+@_json_option
+@_atol_option
 @click.option("--no-check", is_flag=True, help="Skip the equivalence and byte checks.")
 @click.option(
     "--dry-run", is_flag=True, help="Print the plan and the shape changes; write nothing."
 )
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of the checks' random inputs."
-)
+@_seed_option
 def convert(
     input_path: Path,
     map_path: Path,
@@ -163,19 +169,17 @@ Example:
 
 
 @cli.command(help=_INSPECT_HELP)
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path, readable=False))
+@click.argument("input_path", metavar="INPUT", type=_PATH)
 @click.option("--suggest-map", is_flag=True, help="Suggest a layer map for this checkpoint.")
 @click.option(
     "-o",
     "--output",
     "map_output",
-    type=click.Path(path_type=Path, readable=False),
+    type=_PATH,
     help="Write the suggested map here (implies --suggest-map).",
 )
 @click.option("--force", is_flag=True, help="Replace the -o file if it exists.")
-@click.option(
-    "--json", "json_path", metavar="PATH|-", help="Also write the report as JSON to PATH or '-'."
-)
+@_json_option
 def inspect(
     input_path: Path,
     suggest_map: bool,
@@ -216,31 +220,18 @@ Exit codes: 0 all good; 1 any difference (the table and the error line say which
 
 
 @cli.command(help=_VERIFY_HELP)
-@click.argument("original", type=click.Path(path_type=Path, readable=False))
-@click.argument("converted", type=click.Path(path_type=Path, readable=False))
+@click.argument("original", type=_PATH)
+@click.argument("converted", type=_PATH)
 @click.option(
     "--map",
     "map_path",
     required=True,
-    type=click.Path(path_type=Path, readable=False),
+    type=_PATH,
     help="The layer map the file was converted with.",
 )
-@click.option(
-    "--json",
-    "json_path",
-    metavar="PATH|-",
-    help="Also write the report as JSON to PATH, or stdout with '-'.",
-)
-@click.option(
-    "--atol",
-    type=click.FloatRange(min=0),
-    default=_ATOL_DEFAULT,
-    show_default=True,
-    help="Largest |fc - conv| (float64) a check accepts.",
-)
-@click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of the checks' random inputs."
-)
+@_json_option
+@_atol_option
+@_seed_option
 def verify(
     original: Path, converted: Path, map_path: Path, json_path: str | None, atol: float, seed: int
 ) -> int:
@@ -289,17 +280,17 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
 
 
 @cli.command(help=_BATCH_HELP)
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path, readable=False))
+@click.argument("paths", nargs=-1, required=True, type=_PATH)
 @click.option(
     "--map",
     "map_path",
-    type=click.Path(path_type=Path, readable=False),
+    type=_PATH,
     help="Layer map for INPUT files (instead of a manifest).",
 )
 @click.option(
     "-o",
     "--output-dir",
-    type=click.Path(path_type=Path, readable=False),
+    type=_PATH,
     help="Output folder; overrides the manifest's output_dir.",
 )
 @click.option(
@@ -316,23 +307,12 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
     metavar="I/N",
     help="Convert only shard I of N of the sorted file list.",
 )
-@click.option(
-    "--json",
-    "json_path",
-    metavar="PATH|-",
-    help="Also write the summary as JSON to PATH, or stdout with '-'.",
-)
+@_json_option
 @click.option("--force", is_flag=True, help="Convert again even when the output is up to date.")
 @click.option("--dry-run", is_flag=True, help="Show what would be converted; write nothing.")
 @click.option("--fail-fast", is_flag=True, help="Start no new file after the first failure.")
-@click.option(
-    "--atol",
-    type=click.FloatRange(min=0),
-    default=_ATOL_DEFAULT,
-    show_default=True,
-    help="As for convert.",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="As for convert.")
+@_atol_option
+@_seed_option
 def batch(
     paths: tuple[Path, ...],
     map_path: Path | None,
