@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from threadpoolctl import threadpool_limits
 
 from fc2conv_cli.checkpoint import Checkpoint
 from fc2conv_cli.layout import WeightFormat
@@ -105,9 +106,12 @@ def check_layer(
     conv_bias = _bias(written, layer.bias.name if layer.bias else None, layer.out_features)
 
     # Both sides over every output row, in float64. The conv side is conv_nd's own
-    # arithmetic on the windows. (Two threads were tried: no faster, memory-bound.)
-    fc = _outputs(fc_inputs, fc_weight, fc_bias)
-    conv = _outputs(inputs, conv_weight, conv_bias)
+    # arithmetic on the windows. The products are skinny and memory-bound: more BLAS
+    # threads gain nothing alone, and on a busy machine their spin-waits made the check
+    # 3-8x slower (measured), so one thread.
+    with threadpool_limits(limits=1, user_api="blas"):
+        fc = _outputs(fc_inputs, fc_weight, fc_bias)
+        conv = _outputs(inputs, conv_weight, conv_bias)
     window_diff = _max_abs_diff(fc[:WINDOW_SAMPLES], conv[:WINDOW_SAMPLES])
     dense_diff = _max_abs_diff(fc[WINDOW_SAMPLES:], conv[WINDOW_SAMPLES:])
     finite = [d for d in (window_diff, dense_diff) if math.isfinite(d)]
