@@ -21,7 +21,12 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from fc2conv_cli.checkpoint import read_safetensors_metadata, sha256_in_background
+from fc2conv_cli.checkpoint import (
+    TORCH_SUFFIXES,
+    open_checkpoint,
+    read_safetensors_metadata,
+    sha256_in_background,
+)
 from fc2conv_cli.errors import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -32,6 +37,7 @@ from fc2conv_cli.errors import (
 from fc2conv_cli.layer_map import read_layer_map
 from fc2conv_cli.manifest import BatchItem
 from fc2conv_cli.pipeline import DEFAULT_ATOL, ConvertOptions, convert
+from fc2conv_cli.plan import Plan, build_plan
 
 __all__ = ["BatchOptions", "BatchResult", "FileOutcome", "Status", "run_batch"]
 
@@ -109,7 +115,8 @@ def run_batch(
     started = time.perf_counter()
     outcomes: dict[int, FileOutcome] = {}
     pending = deque(enumerate(items))
-    pool = _Pool(min(options.jobs, len(items)), options)
+    needs_torch = any(item.input.suffix.lower() in TORCH_SUFFIXES for item in items)
+    pool = _Pool(min(options.jobs, len(items)), options, needs_torch)
     try:
         while pending or pool.busy:
             while pending and pool.has_room():
@@ -138,8 +145,8 @@ def process_item(item: BatchItem, options: BatchOptions) -> FileOutcome:
     try:
         if not options.force and _up_to_date(item):
             return outcome(Status.UP_TO_DATE)
-        if options.dry_run:
-            return outcome(Status.WOULD_CONVERT)
+        if options.dry_run:  # read the map and the index, as convert --dry-run does
+            return outcome(Status.WOULD_CONVERT, layers=len(_plan(item).layers))
         item.output.parent.mkdir(parents=True, exist_ok=True)
         result = convert(
             ConvertOptions(
@@ -160,6 +167,12 @@ def process_item(item: BatchItem, options: BatchOptions) -> FileOutcome:
     )
 
 
+def _plan(item: BatchItem) -> Plan:
+    layer_map = read_layer_map(item.map_path)
+    with open_checkpoint(item.input, layer_map.strip_prefixes, layer_map.state_dict_key) as source:
+        return build_plan(source.tensors, layer_map)
+
+
 def _up_to_date(item: BatchItem) -> bool:
     """True when the output records this source's SHA-256 and this map's."""
     if not item.output.is_file():
@@ -176,12 +189,14 @@ def _up_to_date(item: BatchItem) -> bool:
 class _Pool:
     """Worker processes, each fed one item at a time over its own pipe."""
 
-    def __init__(self, size: int, options: BatchOptions) -> None:
+    def __init__(self, size: int, options: BatchOptions, needs_torch: bool) -> None:
         self.size = size
         self.options = options
         self.context = multiprocessing.get_context("forkserver")
-        # Workers fork from a server that has imported fc2conv once.
-        self.context.set_forkserver_preload(["fc2conv_cli.batch"])
+        # Workers fork from a server that has imported fc2conv (and torch, ~2 s, when a
+        # torch file is in the batch) once, instead of once per worker.
+        preload = ["fc2conv_cli.batch"] + (["torch"] if needs_torch else [])
+        self.context.set_forkserver_preload(preload)
         self.idle: list[_Worker] = []
         self.busy: list[_Worker] = []
 

@@ -236,11 +236,11 @@ class BatchProgress:
         if self._progress is not None:
             self._progress.update(self._task, advance=outcome.input_bytes, files=self._files())
             return
-        line = f"[{self.done}/{self.total_files}] {outcome.status.value}: "
-        if outcome.error:  # errors name the file themselves
-            line += outcome.error
+        line = f"[{self.done}/{self.total_files}] {outcome.status.value}: {outcome.item.input}"
+        if outcome.error:
+            line += f": {outcome.error.removeprefix(f'{outcome.item.input}: ')}"
         else:
-            line += f"{outcome.item.input} -> {outcome.item.output} ({outcome.seconds:.1f} s)"
+            line += f" -> {outcome.item.output} ({outcome.seconds:.1f} s)"
         self.console.print(Text(line), soft_wrap=True)
 
 

@@ -48,7 +48,9 @@ def test_a_good_file_verifies(run_cli, converted, tmp_path):
     assert outcome.code == 0, outcome.stderr
     assert "fc2conv verified" in outcome.stdout and "layers checked" in outcome.stdout
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["ok"] and report["verified"] and [x["ok"] for x in report["layers"]] == [True, True]
+    assert (
+        report["ok"] and report["verified"] and [x["ok"] for x in report["layers"]] == [True, True]
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "r.json"])
 
 
