@@ -34,6 +34,7 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/bench_convert.py
+	$(BIN)/python bench/bench_batch.py
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache
