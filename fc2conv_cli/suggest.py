@@ -236,6 +236,10 @@ def _render(
         )
     else:
         lines.append(f"# Layout guessed from the weights: {guess.reason}.")
+        if guess.twin:
+            lines.append(
+                f"# The map uses {layout}; if your model flattens as {guess.twin}, write that."
+            )
     lines += [f"# Check: {note}" for note in ambiguities]
     lines += [
         "# Weights are read as torch nn.Linear (out_features, in_features): weight_format out_in.",

@@ -18,6 +18,7 @@ PACKAGE = Path(fc2conv_cli.__file__).parent
 ORDER = [
     "errors",
     "layout",
+    "guess",
     "layer_map",
     "manifest",
     "checkpoint",

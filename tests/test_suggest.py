@@ -1,0 +1,197 @@
+"""fc2conv inspect and --suggest-map: maps that convert as written, for real name schemes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+import zoo
+from safetensors.numpy import save_file
+
+from fc2conv_cli.checkpoint import open_checkpoint
+from fc2conv_cli.suggest import suggest_map, summarize
+
+RNG = np.random.default_rng(0)
+
+
+def save(path, shapes: dict[str, tuple[int, ...]], **arrays):
+    tensors = {n: (RNG.standard_normal(s) * 0.01).astype(np.float32) for n, s in shapes.items()}
+    tensors.update(arrays)
+    save_file(tensors, str(path))
+    return path
+
+
+def suggestion_for(path):
+    with open_checkpoint(path) as checkpoint:
+        return suggest_map(checkpoint, path.name)
+
+
+def converts(run_cli, tmp_path, source, text):
+    (tmp_path / "suggested.yaml").write_text(text)
+    output = tmp_path / "out.safetensors"
+    outcome = run_cli("convert", source, "--map", tmp_path / "suggested.yaml", "-o", output)
+    assert outcome.code == 0, outcome.stderr
+    output.unlink()
+    return outcome
+
+
+@pytest.mark.parametrize(
+    ("arch", "layers", "channels", "kernel"),
+    [
+        ("alexnet", ("classifier.1", "classifier.4", "classifier.6"), 256, (6, 6)),
+        ("vgg11", ("classifier.0", "classifier.3", "classifier.6"), 512, (7, 7)),
+        ("vgg16", ("classifier.0", "classifier.3", "classifier.6"), 512, (7, 7)),
+        ("vgg19", ("classifier.0", "classifier.3", "classifier.6"), 512, (7, 7)),
+    ],
+)
+def test_torchvision_architectures(run_cli, tmp_path, arch, layers, channels, kernel):
+    source = zoo.save_checkpoint(
+        zoo.state_dict_shapes(arch), tmp_path / f"{arch}.safetensors", dtype="float16"
+    )
+    suggestion = suggestion_for(source)
+    assert (suggestion.layers, suggestion.in_channels, suggestion.kernel) == (
+        layers,
+        channels,
+        kernel,
+    )
+    doc = yaml.safe_load(suggestion.text)
+    assert doc["layout"] == "chw"  # random weights: cannot tell, so PyTorch's order
+    assert "cannot tell" in suggestion.text and suggestion.layout_guess.best is None
+    assert doc["layers"][0] == {"name": layers[0], "kernel": list(kernel), "in_channels": channels}
+    converts(run_cli, tmp_path, source, suggestion.text)
+
+
+def test_lenet5(run_cli, tmp_path):
+    source = save(
+        tmp_path / "lenet.safetensors",
+        {
+            "conv1.weight": (6, 1, 5, 5),
+            "conv1.bias": (6,),
+            "conv2.weight": (16, 6, 5, 5),
+            "conv2.bias": (16,),
+            "fc1.weight": (120, 400),
+            "fc1.bias": (120,),
+            "fc2.weight": (84, 120),
+            "fc2.bias": (84,),
+            "fc3.weight": (10, 84),
+            "fc3.bias": (10,),
+        },
+    )
+    suggestion = suggestion_for(source)
+    assert (suggestion.layers, suggestion.in_channels, suggestion.kernel) == (
+        ("fc1", "fc2", "fc3"),
+        16,
+        (5, 5),
+    )
+    assert "(out_channels of conv2.weight) x 5x5 = 400 inputs" in suggestion.text
+    converts(run_cli, tmp_path, source, suggestion.text)
+
+
+def test_timm_style_names_with_norm_layers(run_cli, tmp_path):
+    source = save(
+        tmp_path / "timm.safetensors",
+        {
+            "conv_stem.weight": (32, 3, 3, 3),
+            "bn1.weight": (32,),
+            "bn1.running_mean": (32,),
+            "blocks.0.conv.weight": (64, 32, 3, 3),
+            "blocks.1.conv.weight": (128, 64, 3, 3),
+            "blocks.1.bn.weight": (128,),
+            "head.fc1.weight": (256, 128 * 4 * 4),
+            "head.fc1.bias": (256,),
+            "head.fc2.weight": (10, 256),
+        },
+    )
+    suggestion = suggestion_for(source)
+    assert suggestion.layers == ("head.fc1", "head.fc2")
+    assert (suggestion.in_channels, suggestion.kernel) == (128, (4, 4))
+    converts(run_cli, tmp_path, source, suggestion.text)
+
+
+def test_branching_heads_are_kept(run_cli, tmp_path):
+    source = save(
+        tmp_path / "heads.safetensors",
+        {
+            "backbone.weight": (32, 3, 3, 3),
+            "trunk.weight": (64, 32 * 2 * 2),
+            "head_a.weight": (10, 64),
+            "head_b.weight": (5, 64),
+        },
+    )
+    suggestion = suggestion_for(source)
+    assert suggestion.layers == ("trunk", "head_a", "head_b")
+    converts(run_cli, tmp_path, source, suggestion.text)
+
+
+def test_a_non_square_map_is_stated_as_an_ambiguity(run_cli, tmp_path):
+    source = save(
+        tmp_path / "wide.safetensors",
+        {"conv.weight": (8, 3, 3, 3), "fc.weight": (6, 8 * 15)},
+    )
+    suggestion = suggestion_for(source)
+    assert suggestion.kernel == (3, 5)
+    [note] = suggestion.ambiguities
+    assert "15 positions is not k x k; candidates (h x w): 1x15, 3x5, 5x3, 15x1" in note
+    assert f"# Check: {note}" in suggestion.text
+    converts(run_cli, tmp_path, source, suggestion.text)
+
+
+def test_a_guessed_layout_is_written_into_the_map(run_cli, tmp_path):
+    # Filters that vary smoothly over a 3x5 map, flattened hwc: the guess must find hwc.
+    channels, height, width, out = 8, 3, 5, 64
+    h, w = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    phase = RNG.uniform(0, 2 * np.pi, (out, channels, 1, 1))
+    amplitude = RNG.standard_normal((out, channels, 1, 1))
+    filters = amplitude * np.cos(0.5 * h + 0.4 * w + phase)  # (O, C, H, W)
+    weight = filters.transpose(0, 2, 3, 1).reshape(out, -1).astype(np.float32)
+    source = save(
+        tmp_path / "smooth.safetensors", {"conv.weight": (8, 3, 3, 3)}, **{"fc.weight": weight}
+    )
+    suggestion = suggestion_for(source)
+    assert yaml.safe_load(suggestion.text)["layout"] == "hwc"
+    assert "Layout guessed from the weights: hwc" in suggestion.text
+    converts(run_cli, tmp_path, source, suggestion.text)
+
+
+def test_no_fc_head_is_an_input_error(run_cli, tmp_path):
+    source = save(tmp_path / "convs.safetensors", {"conv.weight": (8, 3, 3, 3)})
+    outcome = run_cli("inspect", source, "--suggest-map")
+    assert outcome.code == 2
+    assert (
+        outcome.stderr.strip()
+        == "error: convs.safetensors: no FC weights (2-D '.weight' tensors) to convert"
+    )
+
+
+def test_summary_groups_in_checkpoint_order(tmp_path):
+    source = save(
+        tmp_path / "m.safetensors",
+        {"a.weight": (4, 3, 3, 3), "a.bias": (4,), "fc.weight": (2, 36), "steps": (1,)},
+    )
+    with open_checkpoint(source) as checkpoint:
+        summary = summarize(checkpoint)
+    assert [(g.prefix, g.kind, len(g.tensors)) for g in summary.groups] == [
+        ("a", "conv", 2),
+        ("fc", "fc", 1),
+        ("steps", "other", 1),
+    ]
+    assert summary.nbytes == 4 * (4 * 27 + 4 + 72 + 1) and summary.tensor_count == 4
+
+
+def test_cli_table_json_and_map_destinations(run_cli, tmp_path):
+    source = save(tmp_path / "m.safetensors", {"conv.weight": (4, 3, 3, 3), "fc.weight": (2, 36)})
+    table = run_cli("inspect", source)
+    assert table.code == 0 and "conv backbone: 1 layers | FC head: 1 layers" in table.stdout
+    to_stdout = run_cli("inspect", source, "--suggest-map")
+    assert to_stdout.code == 0
+    assert yaml.safe_load(to_stdout.stdout)["layers"][0]["kernel"] == [3, 3]
+    assert "fc2conv inspect" in to_stdout.stderr  # the table moved out of the way
+    as_json = run_cli("inspect", source, "-o", tmp_path / "map.yaml", "--json", "-")
+    report = json.loads(as_json.stdout)
+    assert report["suggested_map"]["kernel"] == [3, 3] and report["tensors"] == 2
+    assert (tmp_path / "map.yaml").read_text() == report["suggested_map"]["text"]
+    again = run_cli("inspect", source, "-o", tmp_path / "map.yaml")
+    assert again.code == 2 and "already exists; pass --force" in again.stderr
+    assert run_cli("inspect", source, "-o", tmp_path / "map.yaml", "--force").code == 0
