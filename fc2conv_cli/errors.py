@@ -22,6 +22,7 @@ __all__ = [
     "MapError",
     "OutputError",
     "PlanError",
+    "shown",
 ]
 
 EXIT_OK = 0  # written, and every check passed
@@ -29,6 +30,12 @@ EXIT_CHECK_FAILED = 1  # a check failed: nothing was published
 EXIT_INPUT_ERROR = 2  # bad input or usage: nothing was written
 EXIT_INTERNAL_ERROR = 3  # a bug in fc2conv: a traceback is shown
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: nothing was published
+
+
+def shown(name: str) -> str:
+    """A user-supplied name as it may appear in a one-line message: quoted if it is not
+    plainly printable (a newline in a tensor name must not split an error line)."""
+    return name if name.isprintable() else repr(name)
 
 
 class Fc2convError(Exception):

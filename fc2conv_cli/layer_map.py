@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from fc2conv_cli.errors import MapError
+from fc2conv_cli.errors import MapError, shown
 from fc2conv_cli.layout import Layout, WeightFormat
 
 __all__ = ["SUPPORTED_VERSIONS", "LayerMap", "Rule", "parse_layer_map", "read_layer_map"]
@@ -191,7 +191,7 @@ class _Validator:
             out = rule.output_prefix
             if out in seen:
                 self.problems.append(
-                    f"{self.source}: layers[{index}] ({rule.name}): output name {out!r} "
+                    f"{self.source}: layers[{index}] ({shown(rule.name)}): output name {out!r} "
                     f"is also produced by layer {seen[out]!r}; give one a different rename"
                 )
             seen[out] = rule.name
@@ -214,7 +214,7 @@ class _Validator:
         if not _is_name(name):
             self.problem(where, "name", "the layer's tensor prefix, e.g. classifier.0", name)
             return None
-        where = f"layers[{index}] ({name})"
+        where = f"layers[{index}] ({shown(name)})"
         before = len(self.problems)
         self.unknown_keys(where, layer, _LAYER_KEYS)
         rename = layer.get("rename")

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fc2conv_cli.checkpoint import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
-from fc2conv_cli.errors import PlanError
+from fc2conv_cli.errors import PlanError, shown
 from fc2conv_cli.layer_map import LayerMap, Rule
 from fc2conv_cli.layout import Layout, WeightFormat
 
@@ -86,7 +86,7 @@ def build_plan(tensors: Mapping[str, TensorInfo], layer_map: LayerMap) -> Plan:
     problems: list[str] = []
     layers = []
     for index, rule in enumerate(layer_map.rules):
-        where = f"{layer_map.source}: layers[{index}] ({rule.name})"
+        where = f"{layer_map.source}: layers[{index}] ({shown(rule.name)})"
         layer = _plan_layer(rule, tensors, where, problems)
         if layer is not None:
             layers.append(layer)

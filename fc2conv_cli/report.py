@@ -120,7 +120,7 @@ def render_notes(console: Console, result: ConvertResult) -> None:
 
 def render_error(console: Console, message: str) -> None:
     """Each line of an error message, prefixed ``error:``."""
-    for line in message.splitlines():
+    for line in message.split("\n"):
         console.print(Text(f"error: {line}", style="red"), soft_wrap=True)
 
 
