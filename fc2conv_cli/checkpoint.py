@@ -359,6 +359,8 @@ def _read_torch(path: Path, state_dict_key: str | None):
         raise CheckpointError(
             f"{path}: not a readable torch checkpoint (truncated or corrupt?): {reason[:200]}"
         ) from None
+    if mmap_ok:
+        _check_zip_entries(path, obj, torch.Tensor)
     state, notes = _unwrap(path, obj, state_dict_key, torch.Tensor)
     index: _Index = {}
     buffers: dict[str, memoryview] = {}
@@ -382,6 +384,46 @@ def _read_torch(path: Path, state_dict_key: str | None):
     if not index:
         raise CheckpointError(f"{path}: no tensors found in the checkpoint")
     return index, buffers, notes, buffers.clear
+
+
+def _check_zip_entries(path: Path, obj: Any, tensor_type: type) -> None:
+    """Refuse a torch zip whose data entries do not hold every storage in full.
+
+    A memory-mapped ``torch.load`` trusts the sizes in the pickle: a truncated entry would
+    silently read the bytes that follow it. So the storages' sizes must add up to the
+    stored (uncompressed) data entries' sizes.
+    """
+    with zipfile.ZipFile(path) as archive:
+        entries = [e for e in archive.infolist() if re.search(r"(^|/)data/\d+$", e.filename)]
+    storages: dict[int, int] = {}
+    for tensor in _tensors_in(obj, tensor_type):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    needed, held = sum(storages.values()), sum(e.file_size for e in entries)
+    compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    if needed != held or compressed:
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint (truncated or corrupt?): its tensors "
+            f"need {needed} bytes of data, its data entries hold {held}"
+            + (f" (compressed: {', '.join(compressed)})" if compressed else "")
+        )
+
+
+def _tensors_in(obj: Any, tensor_type: type) -> list:
+    """Every tensor in a loaded checkpoint's nested dicts, lists and tuples."""
+    found, pending, seen = [], [obj], set()
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, tensor_type):
+            found.append(item)
+        elif isinstance(item, Mapping):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return found
 
 
 def _torch_dtype_codes(torch: Any) -> dict:

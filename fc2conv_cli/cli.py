@@ -371,7 +371,7 @@ def run(argv: list[str] | None = None) -> int:
     except Fc2convError as error:
         from fc2conv_cli.report import render_error
 
-        render_error(messages, error.message)
+        render_error(messages, error.problems)
         return error.exit_code
     except BrokenPipeError:
         # The reader of our output went away (e.g. `| head`): not our error.

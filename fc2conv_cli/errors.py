@@ -39,7 +39,7 @@ def shown(name: str) -> str:
 
 
 class Fc2convError(Exception):
-    """Base class. ``message`` is the text shown to the user; it may span lines."""
+    """Base class. ``problems`` are shown one line each; ``message`` joins them."""
 
     exit_code = EXIT_INTERNAL_ERROR
     code = "error"
@@ -47,6 +47,7 @@ class Fc2convError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        self.problems = [message]
 
 
 class InputError(Fc2convError):

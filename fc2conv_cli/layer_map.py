@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,14 @@ import yaml
 from fc2conv_cli.errors import MapError, shown
 from fc2conv_cli.layout import Layout, WeightFormat
 
-__all__ = ["SUPPORTED_VERSIONS", "LayerMap", "Rule", "parse_layer_map", "read_layer_map"]
+__all__ = [
+    "SUPPORTED_VERSIONS",
+    "LayerMap",
+    "Rule",
+    "parse_layer_map",
+    "read_layer_map",
+    "yaml_problem",
+]
 
 SUPPORTED_VERSIONS = (1,)
 _TOP_KEYS = ("version", "layout", "weight_format", "strip_prefix", "state_dict_key", "layers")
@@ -90,11 +98,16 @@ def parse_layer_map(text: str, source: str = "<map>") -> LayerMap:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise MapError([f"{source}:{where}: YAML syntax error: {problem}"]) from None
+        raise MapError([yaml_problem(source, exc)]) from None
     return _Validator(source).layer_map(doc, text)
+
+
+def yaml_problem(source: str, exc: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: file, line and column when known, and the problem."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{source}: line {mark.line + 1}, column {mark.column + 1}" if mark else source
+    problem = getattr(exc, "problem", None) or str(exc).strip().split("\n")[0]
+    return f"{where}: YAML syntax error: {problem}"
 
 
 class _Validator:
@@ -278,6 +291,11 @@ def _is_positive_int(value: Any) -> bool:
     return type(value) is int and value > 0
 
 
+# Bounded: a YAML alias bomb is a small document whose full repr() would not fit in memory.
+_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring = 2, 4, 4, 50
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from fc2conv_cli.errors import ManifestError
+from fc2conv_cli.layer_map import yaml_problem
 
 __all__ = ["BatchItem", "items_from_inputs", "read_manifest", "select_shard"]
 
@@ -46,9 +47,7 @@ def read_manifest(path: Path, output_dir: Path | None = None) -> tuple[BatchItem
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError([f"{path}: cannot read manifest: {exc}"]) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ManifestError([f"{path}:{where}: YAML syntax error: {exc}".splitlines()[0]]) from None
+        raise ManifestError([yaml_problem(str(path), exc)]) from None
     problems: list[str] = []
     folder = path.parent
     if not isinstance(doc, Mapping):

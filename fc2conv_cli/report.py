@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -118,10 +119,10 @@ def render_notes(console: Console, result: ConvertResult) -> None:
         console.print(Text(f"warning: {warning}", style="yellow"))
 
 
-def render_error(console: Console, message: str) -> None:
-    """Each line of an error message, prefixed ``error:``."""
-    for line in message.split("\n"):
-        console.print(Text(f"error: {line}", style="red"), soft_wrap=True)
+def render_error(console: Console, problems: Sequence[str]) -> None:
+    """One line per problem, prefixed ``error:``; line breaks inside one are escaped."""
+    for problem in problems:
+        console.print(Text(f"error: {_one_line(problem)}", style="red"), soft_wrap=True)
 
 
 def conversion_json(result: ConvertResult) -> dict[str, Any]:
@@ -417,6 +418,13 @@ def _footer(result: ConvertResult) -> str:
             parts.append(f"all checks within atol {result.options.atol:g}")
     parts.append(f"{result.seconds:.2f} s")
     return " | ".join(parts)
+
+
+def _one_line(text: str) -> str:
+    """Escape characters that would break a line (a newline in a file name, say)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _shape(shape: tuple[int, ...]) -> str:

@@ -57,8 +57,8 @@ class StagedFile:
             self._flushing.result()
             os.fsync(self._fd)
         except OSError as exc:
-            self.discard()
-            raise OutputError(f"{self.target}: cannot write: {exc.strerror or exc}") from None
+            left = self.discard()
+            raise OutputError(f"{self.target}: cannot write: {exc.strerror or exc}{left}") from None
         os.close(self._fd)
         self._fd = None
 
@@ -74,23 +74,26 @@ class StagedFile:
                 os.link(self.temp, self.target)
                 os.unlink(self.temp)
             _fsync_dir(self.target.parent)
-        except FileExistsError:
-            raise OutputError(
-                f"{self.target}: already exists; pass --force to replace it"
-            ) from None
         except OSError as exc:
-            raise OutputError(f"{self.target}: cannot publish: {exc.strerror or exc}") from None
-        finally:
-            self.discard()
+            reason = (
+                "already exists; pass --force to replace it"
+                if isinstance(exc, FileExistsError)
+                else f"cannot publish: {exc.strerror or exc}"
+            )
+            raise OutputError(f"{self.target}: {reason}{self.discard()}") from None
 
-    def discard(self) -> None:
-        """Close and remove the temp file if it is still there."""
+    def discard(self) -> str:
+        """Close and remove the temp file if it is still there; never raises.
+
+        Returns "" or, when the file cannot be removed (a folder made read-only), a note
+        naming it, for the caller's message.
+        """
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 self._flushing.result()
             os.close(self._fd)
             self._fd = None
-        _remove(self.temp)
+        return _remove(self.temp)
 
 
 def check_output_path(source: Path, target: Path, overwrite: bool) -> None:
@@ -142,8 +145,8 @@ def write_safetensors(
             size = file.tell()
     except OSError as exc:
         os.close(fd)
-        _remove(temp)
-        raise OutputError(f"{target}: cannot write: {exc.strerror or exc}") from None
+        left = _remove(temp)
+        raise OutputError(f"{target}: cannot write: {exc.strerror or exc}{left}") from None
     except BaseException:
         os.close(fd)
         _remove(temp)
@@ -165,8 +168,8 @@ def write_text(target: Path, text: str, overwrite: bool) -> None:
             os.fsync(file.fileno())
         os.replace(temp, target)
     except OSError as exc:
-        _remove(temp)
-        raise OutputError(f"{target}: cannot write: {exc.strerror or exc}") from None
+        left = _remove(temp)
+        raise OutputError(f"{target}: cannot write: {exc.strerror or exc}{left}") from None
 
 
 def _header(plan: Plan, metadata: Mapping[str, str]) -> bytes:
@@ -225,9 +228,15 @@ def _flush_in_background(fd: int) -> Future[None]:
     return future
 
 
-def _remove(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
+def _remove(path: Path) -> str:
+    """Remove ``path`` if present; "" on success, else a note naming what was left."""
+    try:
         os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        return f"; could not remove the temp file {path}: {exc.strerror or exc}"
+    return ""
 
 
 def _fsync_dir(folder: Path) -> None:

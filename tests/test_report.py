@@ -77,7 +77,8 @@ def test_dry_run_plan_lists_every_output_tensor():
 
 
 def test_error_lines_are_prefixed_and_escaped():
-    assert render(render_error, "a [red]b\nc") == "error: a [red]b\nerror: c\n"
+    assert render(render_error, ["a [red]b", "c"]) == "error: a [red]b\nerror: c\n"
+    assert render(render_error, ["x\ny.pth: bad"]) == "error: x\\ny.pth: bad\n"
 
 
 def test_json_is_strict_and_complete():
