@@ -19,7 +19,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from pathlib import Path
 
 from fc2conv_cli.checkpoint import (
     TORCH_SUFFIXES,
@@ -38,6 +37,7 @@ from fc2conv_cli.layer_map import read_layer_map
 from fc2conv_cli.manifest import BatchItem
 from fc2conv_cli.pipeline import DEFAULT_ATOL, ConvertOptions, convert
 from fc2conv_cli.plan import Plan, build_plan
+from fc2conv_cli.write import remove_temp_files
 
 __all__ = ["BatchOptions", "BatchResult", "FileOutcome", "Status", "run_batch"]
 
@@ -237,7 +237,7 @@ class _Pool:
                 worker.process.kill()
                 worker.process.join()
         for worker in self.busy:
-            _remove_temp_files(worker.item.output)
+            remove_temp_files(worker.item.output)
         self.idle, self.busy = [], []
 
 
@@ -268,7 +268,7 @@ class _Worker:
             self.process.join()
             code = self.process.exitcode
             how = f"signal {signal.Signals(-code).name}" if code and code < 0 else f"exit {code}"
-            _remove_temp_files(self.item.output)
+            remove_temp_files(self.item.output)
             return self.index, FileOutcome(
                 self.item, Status.ERROR, error=f"worker crashed ({how}); nothing was written"
             )
@@ -292,9 +292,3 @@ def _worker_main(conn: Connection, options: BatchOptions) -> None:
 
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
-
-
-def _remove_temp_files(output: Path) -> None:
-    """Temp files a dead worker left for ``output`` (see ``write``: ``.NAME.*.tmp``)."""
-    for temp in output.parent.glob(f".{output.name}.*.tmp"):
-        temp.unlink(missing_ok=True)

@@ -25,6 +25,7 @@ __all__ = [
     "CHUNK_BYTES",
     "StagedFile",
     "check_output_path",
+    "remove_temp_files",
     "write_safetensors",
     "write_text",
 ]
@@ -130,7 +131,7 @@ def write_safetensors(
             raise ValueError("source_sha256 must be a 64-character hex digest")
         return _header(plan, {**metadata, "source_sha256": source_sha256})
 
-    temp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+    temp = _temp_path(target)
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
@@ -160,7 +161,7 @@ def write_text(target: Path, text: str, overwrite: bool) -> None:
         raise OutputError(f"{target}: already exists; pass --force to replace it")
     if not target.parent.is_dir():
         raise OutputError(f"{target}: output folder {target.parent} does not exist")
-    temp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+    temp = _temp_path(target)
     try:
         with open(temp, "x", encoding="utf-8") as file:
             file.write(text)
@@ -226,6 +227,17 @@ def _flush_in_background(fd: int) -> Future[None]:
 
     threading.Thread(target=run, name="fc2conv-flush", daemon=True).start()
     return future
+
+
+def _temp_path(target: Path) -> Path:
+    """A fresh hidden temp name beside ``target``: ``.NAME.TOKEN.tmp``."""
+    return target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+
+
+def remove_temp_files(target: Path) -> None:
+    """Remove temp files that a killed writer left for ``target``."""
+    for temp in target.parent.glob(f".{target.name}.*.tmp"):
+        _remove(temp)
 
 
 def _remove(path: Path) -> str:
