@@ -19,13 +19,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 
-from fc2conv_cli.checkpoint import (
-    TORCH_SUFFIXES,
-    open_checkpoint,
-    read_safetensors_metadata,
-    sha256_in_background,
-)
 from fc2conv_cli.errors import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -37,6 +32,12 @@ from fc2conv_cli.layer_map import read_layer_map
 from fc2conv_cli.manifest import BatchItem
 from fc2conv_cli.pipeline import DEFAULT_ATOL, ConvertOptions, convert
 from fc2conv_cli.plan import Plan, build_plan
+from fc2conv_cli.readers import (
+    detect_format,
+    open_checkpoint,
+    read_safetensors_metadata,
+    sha256_in_background,
+)
 from fc2conv_cli.write import remove_temp_files
 
 __all__ = ["BatchOptions", "BatchResult", "FileOutcome", "Status", "run_batch"]
@@ -115,7 +116,7 @@ def run_batch(
     started = time.perf_counter()
     outcomes: dict[int, FileOutcome] = {}
     pending = deque(enumerate(items))
-    needs_torch = any(item.input.suffix.lower() in TORCH_SUFFIXES for item in items)
+    needs_torch = any(_is_torch(item.input) for item in items)
     pool = _Pool(min(options.jobs, len(items)), options, needs_torch)
     try:
         while pending or pool.busy:
@@ -132,6 +133,14 @@ def run_batch(
         pool.stop()
     ordered = tuple(outcomes[i] for i in range(len(items)))
     return BatchResult(ordered, time.perf_counter() - started)
+
+
+def _is_torch(path: Path) -> bool:
+    """True for a torch file (its workers then import torch once, up front)."""
+    try:
+        return detect_format(path) == "torch"
+    except Fc2convError:
+        return False  # its worker reports the problem
 
 
 def process_item(item: BatchItem, options: BatchOptions) -> FileOutcome:

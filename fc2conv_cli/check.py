@@ -20,9 +20,9 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from threadpoolctl import threadpool_limits
 
-from fc2conv_cli.checkpoint import Checkpoint
 from fc2conv_cli.layout import WeightFormat
 from fc2conv_cli.plan import LayerPlan, Plan
+from fc2conv_cli.readers import Checkpoint
 
 __all__ = [
     "DENSE_MARGIN",

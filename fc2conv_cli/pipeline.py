@@ -12,16 +12,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fc2conv_cli import __version__
-from fc2conv_cli.checkpoint import open_checkpoint, open_safetensors, sha256_in_background
 from fc2conv_cli.errors import EXIT_CHECK_FAILED, EXIT_OK, CheckFailed, OutputError
 from fc2conv_cli.layer_map import read_layer_map
 from fc2conv_cli.plan import Plan, build_plan
+from fc2conv_cli.readers import open_checkpoint, open_safetensors, sha256_in_background
 from fc2conv_cli.suggest import CheckpointSummary, SuggestedMap, suggest_map, summarize
 from fc2conv_cli.write import check_output_path, write_safetensors, write_text
 
 if TYPE_CHECKING:
     from fc2conv_cli.check import LayerCheck
-    from fc2conv_cli.checkpoint import Checkpoint
+    from fc2conv_cli.readers import Checkpoint
 
 __all__ = [
     "DEFAULT_ATOL",

@@ -12,10 +12,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fc2conv_cli.checkpoint import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
 from fc2conv_cli.errors import PlanError, shown
 from fc2conv_cli.layer_map import LayerMap, Rule
 from fc2conv_cli.layout import Layout, WeightFormat
+from fc2conv_cli.readers import DTYPE_BITS, FLOAT_DTYPES, TensorInfo, tensor_nbytes
 
 __all__ = ["Conversion", "LayerPlan", "Plan", "PlannedTensor", "build_plan"]
 
@@ -51,7 +51,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def build_plan(tensors: Mapping[str, TensorInfo], layer_map: LayerMap) -> Plan:
         raise PlanError(problems)
     # Widest dtypes first, then by name, as safetensors does: every tensor stays aligned
     # to its item size, and the order does not depend on the source's order.
-    outputs.sort(key=lambda t: (-DTYPE_SIZES[t.dtype], t.name))
+    outputs.sort(key=lambda t: (-DTYPE_BITS[t.dtype], t.name))
     return Plan(tuple(outputs), tuple(layers), _chain_warnings(layers, layer_map.source))
 
 

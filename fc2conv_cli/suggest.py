@@ -16,11 +16,11 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fc2conv_cli.checkpoint import Checkpoint, TensorInfo
 from fc2conv_cli.errors import InputError
 from fc2conv_cli.layer_map import parse_layer_map
 from fc2conv_cli.layout import SPATIAL_AXES, Layout, WeightFormat
 from fc2conv_cli.plan import build_plan
+from fc2conv_cli.readers import Checkpoint, TensorInfo
 
 if TYPE_CHECKING:
     from fc2conv_cli.guess import LayoutGuess

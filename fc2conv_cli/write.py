@@ -16,10 +16,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
-from fc2conv_cli.checkpoint import SAFETENSORS_SUFFIXES, Checkpoint
 from fc2conv_cli.errors import OutputError
 from fc2conv_cli.layout import WeightFormat
 from fc2conv_cli.plan import Plan, PlannedTensor
+from fc2conv_cli.readers import Checkpoint
 
 __all__ = [
     "CHUNK_BYTES",
@@ -99,7 +99,7 @@ class StagedFile:
 
 def check_output_path(source: Path, target: Path, overwrite: bool) -> None:
     """Refuse an output that would overwrite the input, clobber a file, or cannot be written."""
-    if target.suffix.lower() not in SAFETENSORS_SUFFIXES:
+    if target.suffix.lower() != ".safetensors":
         raise OutputError(f"{target}: the output must be a .safetensors file")
     if target.resolve() == source.resolve() or (
         target.exists() and source.exists() and os.path.samefile(target, source)

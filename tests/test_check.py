@@ -13,10 +13,10 @@ from fc2conv_cli.check import (
     check_layer,
     conv_nd,
 )
-from fc2conv_cli.checkpoint import Checkpoint, TensorInfo
 from fc2conv_cli.layer_map import parse_layer_map
 from fc2conv_cli.pipeline import DEFAULT_ATOL
 from fc2conv_cli.plan import build_plan
+from fc2conv_cli.readers import Checkpoint, TensorInfo
 
 torch = pytest.importorskip("torch")
 CODES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.float16): "F16"}

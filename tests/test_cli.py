@@ -361,11 +361,11 @@ def test_missing_layer_map(tmp_path, run_cli):
 
 def test_unknown_format(tmp_path, run_cli):
     _, layer_map = _case(tmp_path)
-    source = tmp_path / "model.npz"
-    np.savez(source, w=np.ones(3))
+    source = tmp_path / "model.xyz"
+    source.write_bytes(b"\x01\x02 neither magic nor a known suffix")
     output = tmp_path / "out.safetensors"
     outcome = _convert(run_cli, source, layer_map, output)
-    _assert_refused(outcome, output, str(source), "'.npz'", ".safetensors", ".pth")
+    _assert_refused(outcome, output, str(source), "'.xyz'", ".safetensors", ".pth", "--format")
 
 
 def _truncate_data(data: bytes) -> bytes:

@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from fc2conv_cli.checkpoint import TensorInfo
 from fc2conv_cli.errors import PlanError
 from fc2conv_cli.layer_map import parse_layer_map
 from fc2conv_cli.plan import build_plan
+from fc2conv_cli.readers import TensorInfo
 
 
 def index(**shapes) -> dict[str, TensorInfo]:

@@ -142,7 +142,7 @@ def test_directory_named_like_a_checkpoint(tmp_path, run_cli, case):
     source = tmp_path / "x.safetensors"
     source.mkdir()
     outcome = _convert(run_cli, source, layer_map, output)
-    _assert_refused(outcome, output, str(source), "not a regular file")
+    _assert_refused(outcome, output, str(source), "is a directory")
     assert source.is_dir() and list(source.iterdir()) == []
 
 
@@ -203,7 +203,8 @@ BAD_HEADERS = {
     "offsets_reversed": ({"a": {**ENTRY, "data_offsets": [8, 0]}}, b"\0" * 8, "data_offsets"),
     "negative_offset": ({"a": {**ENTRY, "data_offsets": [-8, 0]}}, b"\0" * 8, "data_offsets"),
     "float_shape": ({"a": {**ENTRY, "shape": [2.0]}}, b"\0" * 8, "shape"),
-    "unknown_dtype_c64": ({"a": {**ENTRY, "dtype": "C64"}}, b"\0" * 8, "unsupported dtype 'C64'"),
+    "unknown_dtype_c32": ({"a": {**ENTRY, "dtype": "C32"}}, b"\0" * 8, "unsupported dtype 'C32'"),
+    "c64_wrong_size": ({"a": {**ENTRY, "dtype": "C64"}}, b"\0" * 8, "C64 [2] needs 16"),
     "unknown_dtype_lower": ({"a": {**ENTRY, "dtype": "f32"}}, b"\0" * 8, "unsupported dtype"),
 }
 

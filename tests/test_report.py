@@ -9,11 +9,11 @@ from pathlib import Path
 from rich.console import Console
 
 from fc2conv_cli.check import LayerCheck
-from fc2conv_cli.checkpoint import TensorInfo
 from fc2conv_cli.errors import CheckFailed
 from fc2conv_cli.layer_map import parse_layer_map
 from fc2conv_cli.pipeline import ConvertOptions, ConvertResult
 from fc2conv_cli.plan import build_plan
+from fc2conv_cli.readers import TensorInfo
 from fc2conv_cli.report import (
     conversion_json,
     error_json,

@@ -10,7 +10,7 @@ import yaml
 import zoo
 from safetensors.numpy import save_file
 
-from fc2conv_cli.checkpoint import open_checkpoint
+from fc2conv_cli.readers import open_checkpoint
 from fc2conv_cli.suggest import suggest_map, summarize
 
 RNG = np.random.default_rng(0)

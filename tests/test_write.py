@@ -66,9 +66,9 @@ def _temp_files(folder: Path) -> list[Path]:
 
 def _staged(tmp_path: Path):
     """Plan the standard case and stage it beside ``out.safetensors``; returns (staged, source)."""
-    from fc2conv_cli.checkpoint import open_checkpoint
     from fc2conv_cli.layer_map import read_layer_map
     from fc2conv_cli.plan import build_plan
+    from fc2conv_cli.readers import open_checkpoint
     from fc2conv_cli.write import write_safetensors
 
     source, layer_map = _case(tmp_path)

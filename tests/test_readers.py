@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from fc2conv_cli.checkpoint import open_checkpoint, open_safetensors
 from fc2conv_cli.errors import CheckpointError
+from fc2conv_cli.readers import open_checkpoint, open_safetensors
 
 torch = pytest.importorskip("torch")
 
@@ -93,15 +93,69 @@ def test_corrupt_safetensors_files_are_refused(tmp_path, content, expected):
 
 
 def test_unknown_format_missing_file_and_directory(tmp_path):
-    with pytest.raises(
-        CheckpointError, match=r"unknown checkpoint format '.npz'; expected .safetensors"
-    ):
-        open_checkpoint(tmp_path / "m.npz")
+    (tmp_path / "m.xyz").write_bytes(b"\x01\x02 not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"unknown checkpoint format \(suffix '.xyz'"):
+        open_checkpoint(tmp_path / "m.xyz")
     with pytest.raises(CheckpointError, match="no such file"):
         open_checkpoint(tmp_path / "m.pth")
     (tmp_path / "d.pth").mkdir()
-    with pytest.raises(CheckpointError, match="not a regular file"):
+    with pytest.raises(CheckpointError, match="is a directory"):
         open_checkpoint(tmp_path / "d.pth")
+
+
+def test_content_decides_and_a_contradicting_suffix_is_refused(tmp_path):
+    save_file({"w": np.ones((2, 3), np.float32)}, str(tmp_path / "m.safetensors"))
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "weights").write_bytes(data)  # no suffix: the content decides
+    with open_checkpoint(tmp_path / "weights") as ckpt:
+        assert ckpt.kind == "safetensors" and list(ckpt.tensors) == ["w"]
+    (tmp_path / "m.onnx").write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"suffix says onnx, but the content is a safet"):
+        open_checkpoint(tmp_path / "m.onnx")
+    with open_checkpoint(tmp_path / "m.onnx", format="safetensors") as ckpt:
+        assert ckpt.kind == "safetensors"
+    with pytest.raises(CheckpointError, match=r"--format torch, but the content is a safet"):
+        open_checkpoint(tmp_path / "m.onnx", format="torch")
+    with pytest.raises(CheckpointError, match=r"unknown format 'pickle'; expected one of"):
+        open_checkpoint(tmp_path / "m.onnx", format="pickle")
+
+
+def test_names_safetensors_cannot_hold_are_refused(tmp_path):
+    path = tmp_path / "m.pth"
+    torch.save({"__metadata__": torch.ones(2), "w": torch.ones(2)}, path)
+    with pytest.raises(CheckpointError, match="named '__metadata__', which safetensors reserves"):
+        open_checkpoint(path)
+    torch.save({"module.": torch.ones(2), "module.w": torch.ones(2)}, path)
+    with pytest.raises(CheckpointError, match="a tensor has an empty name"):
+        open_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        ({1: torch.ones(1), "1": torch.ones(1)}, r"keys 1 and '1' are both named '1'"),
+        ({"1": torch.ones(1), 1: torch.ones(1)}, r"keys 1 and '1' are both named '1'"),
+        ({(1, 2): torch.ones(1)}, r"key \(1, 2\) is a tuple; tensor names must be strings"),
+        ({2.5: torch.ones(1)}, r"key 2.5 is a float"),
+    ],
+)
+def test_torch_keys_that_are_not_names_are_refused(tmp_path, state, expected):
+    path = tmp_path / "m.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=expected):
+        open_checkpoint(path)
+
+
+@pytest.mark.parametrize("dtype", ["F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "C64", "F4", "F6_E2M3"])
+def test_every_safetensors_dtype_is_read(tmp_path, dtype):
+    nbytes = {"C64": 64, "F4": 4, "F6_E2M3": 6}.get(dtype, 8)
+    header = json.dumps({"t": {"dtype": dtype, "shape": [8], "data_offsets": [0, nbytes]}})
+    header += " " * (-len(header) % 8)
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + bytes(range(nbytes)))
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.tensors["t"].dtype == dtype and ckpt.tensors["t"].nbytes == nbytes
+        assert bytes(ckpt.raw("t")) == bytes(range(nbytes))
 
 
 @pytest.mark.parametrize("zipped", [True, False])
