@@ -234,10 +234,12 @@ class _Validator:
         if not isinstance(layers, list) or not layers:
             self.problem("top level", "layers", "a non-empty list of layers", layers)
             return ()
+        # The map's spatial rank: from its first well-formed kernel (a malformed one, such
+        # as [], is reported as itself, not as a rank that every layout then misses).
         kernels = [
             layer.get("kernel")
             for layer in layers
-            if isinstance(layer, Mapping) and isinstance(layer.get("kernel"), list)
+            if isinstance(layer, Mapping) and _is_kernel(layer.get("kernel"))
         ]
         ndim = len(kernels[0]) if kernels else (layout.spatial_ndim if layout else 2)
         rules = []
@@ -316,11 +318,7 @@ class _Validator:
         )
 
     def kernel(self, where: str, value: Any, ndim: int) -> tuple[int, ...]:
-        if (
-            not isinstance(value, list)
-            or not 1 <= len(value) <= 3
-            or not all(_is_positive_int(v) for v in value)
-        ):
+        if not _is_kernel(value):
             self.problem(where, "kernel", "a list of 1 to 3 positive integers, e.g. [7, 7]", value)
             return (1,) * ndim
         if len(value) != ndim:
@@ -334,6 +332,12 @@ def _is_name(value: Any) -> bool:
 
 def _is_positive_int(value: Any) -> bool:
     return type(value) is int and value > 0
+
+
+def _is_kernel(value: Any) -> bool:
+    return (
+        isinstance(value, list) and 1 <= len(value) <= 3 and all(_is_positive_int(v) for v in value)
+    )
 
 
 # Bounded: a YAML alias bomb is a small document whose full repr() would not fit in memory.
