@@ -2,11 +2,14 @@
 
 Exit codes: 0 written and every check passed; 1 a check failed (nothing written);
 2 bad input or usage (one line per problem, nothing written); 3 an internal error (a bug:
-the traceback is shown); 130 interrupted (Ctrl-C or SIGTERM; nothing written).
+the traceback is shown); 130 interrupted (Ctrl-C or SIGTERM; nothing written). A reader
+that closes the pipe early (``| head``) changes none of these: the run completes, and
+what it would still have written to that pipe is dropped.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -16,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
 
 from fc2conv_cli import __version__
 from fc2conv_cli.errors import (
@@ -35,6 +37,23 @@ _ATOL_DEFAULT = 1e-6  # keep in step with pipeline.DEFAULT_ATOL (a test pins it)
 
 # Unreadable paths are left to the readers, which report them in one line.
 _PATH = click.Path(path_type=Path, readable=False)
+
+
+class _Tolerance(click.ParamType):
+    """A finite number >= 0: ``nan`` would make every comparison false, ``inf`` pass all."""
+
+    name = "float"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None):
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number < 0:
+            self.fail(f"expected a finite number >= 0, got {value!r}", param, ctx)
+        return number
+
+
 _json_option = click.option(
     "--json",
     "json_path",
@@ -44,7 +63,7 @@ _json_option = click.option(
 )
 _atol_option = click.option(
     "--atol",
-    type=click.FloatRange(min=0),
+    type=_Tolerance(),
     default=_ATOL_DEFAULT,
     show_default=True,
     help="Largest |fc - conv| (float64) a check accepts.",
@@ -57,7 +76,11 @@ _format_option = click.option(
     help="Read the input as this format; by default it is found from the content, then the suffix.",
 )
 _seed_option = click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of the checks' random inputs."
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of the checks' random inputs (an integer >= 0).",
 )
 
 _CONVERT_HELP = """Convert the FC layers named in MAP of checkpoint INPUT into conv weights.
@@ -128,7 +151,9 @@ def convert(
     input_format: str | None,
 ) -> int:
     from fc2conv_cli.pipeline import ConvertOptions, convert
+    from fc2conv_cli.report import check_json_path
 
+    check_json_path(json_path, input_path, map_path, output)
     options = ConvertOptions(
         input_path, map_path, output, atol, not no_check, dry_run, force, seed, input_format
     )
@@ -207,6 +232,7 @@ def inspect(
     map_to_stdout = suggest_map and map_output is None
     if map_to_stdout and json_path == "-":
         raise click.UsageError("--json - and a map on stdout collide: give the map -o MAP.yaml")
+    report.check_json_path(json_path, input_path, map_output)
     result = inspect(input_path, suggest_map, map_output, force, input_format)
     report.render_inspect(report.make_console(stderr=map_to_stdout or json_path == "-"), result)
     if map_to_stdout:
@@ -256,7 +282,9 @@ def verify(
     input_format: str | None,
 ) -> int:
     from fc2conv_cli.pipeline import ConvertOptions, verify
+    from fc2conv_cli.report import check_json_path
 
+    check_json_path(json_path, original, converted, map_path)
     options = ConvertOptions(original, map_path, converted, atol, seed=seed, format=input_format)
     return _report_conversion(verify, options, json_path)
 
@@ -350,6 +378,7 @@ def batch(
     from fc2conv_cli.batch import BatchOptions, run_batch
     from fc2conv_cli.manifest import items_from_inputs, read_manifest, select_shard
 
+    report.check_json_path(json_path, map_path, *paths)  # before the manifest is read, too
     if map_path is not None:
         if output_dir is None:
             raise click.UsageError("with --map, give the output folder with -o OUTDIR")
@@ -358,6 +387,7 @@ def batch(
         raise click.UsageError("give one MANIFEST.yaml, or --map MAP.yaml with INPUT files")
     else:
         items = read_manifest(paths[0], output_dir)
+    report.check_json_path(json_path, *(p for i in items for p in (i.input, i.map_path, i.output)))
     if shard is not None:
         items = select_shard(items, *shard)
     options = BatchOptions(jobs, force, dry_run, fail_fast, atol, seed)
@@ -374,29 +404,29 @@ def batch(
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and exit with the documented code."""
     signal.signal(signal.SIGTERM, _interrupt)
-    sys.exit(run(argv))
+    code = run(argv)
+    from fc2conv_cli.report import flush_stdout
+
+    flush_stdout()  # here, not at shutdown, where a broken pipe would make it exit 120
+    sys.exit(code)
 
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on ``argv``; returns the exit code instead of exiting."""
-    messages = Console(stderr=True)
+    from fc2conv_cli.report import make_console, render_error
+
+    messages = make_console(stderr=True)
     try:
         code = cli.main(args=argv, prog_name="fc2conv", standalone_mode=False)
     except click.ClickException as error:
-        error.show()
+        render_error(messages, [_usage_problem(error)])
         return EXIT_INPUT_ERROR
     except (click.Abort, KeyboardInterrupt):
         messages.print("interrupted: no partial or temporary file was left", style="red")
         return EXIT_INTERRUPTED
     except Fc2convError as error:
-        from fc2conv_cli.report import render_error
-
         render_error(messages, error.problems)
         return error.exit_code
-    except BrokenPipeError:
-        # The reader of our output went away (e.g. `| head`): not our error.
-        sys.stderr.close()
-        return 0
     except Exception:
         traceback.print_exc()
         messages.print(
@@ -406,6 +436,13 @@ def run(argv: list[str] | None = None) -> int:
         )
         return EXIT_INTERNAL_ERROR
     return code if isinstance(code, int) else 0
+
+
+def _usage_problem(error: click.ClickException) -> str:
+    """A usage error as one line, with where to read the usage."""
+    ctx = getattr(error, "ctx", None)
+    command = ctx.command_path if ctx is not None else "fc2conv"
+    return f"{error.format_message()} (see '{command} --help')"
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -170,7 +170,12 @@ def _stats(
 
 
 def _rows(weight: np.ndarray, weight_format: WeightFormat, in_features: int) -> np.ndarray:
-    """Evenly spaced filters of ``weight`` as float32 (O', in_features), each standardised."""
+    """Evenly spaced filters of ``weight`` as float32 (O', in_features), each standardised.
+
+    Filters that are constant or hold a NaN or an infinity carry no evidence and are left
+    out. Standardising runs in float64: a float32 filter near the largest float32 would
+    overflow while its mean is subtracted.
+    """
     w = np.asarray(weight)
     if w.ndim != 2:
         raise ValueError(f"an FC weight must be 2-D, got shape {w.shape}")
@@ -184,12 +189,11 @@ def _rows(weight: np.ndarray, weight_format: WeightFormat, in_features: int) -> 
     n_out = w.shape[0]
     keep = min(n_out, max(MIN_ROWS, MAX_ELEMENTS // max(in_features, 1)))
     index = np.unique(np.linspace(0, n_out - 1, keep).round().astype(np.int64))
-    rows = np.asarray(w[index], dtype=np.float32)
-    if not np.isfinite(rows).all():
-        raise ValueError("weight has non-finite values (nan or inf)")
-    rows -= rows.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
-    scale = rows.std(axis=1, dtype=np.float64).astype(np.float32)
-    return rows[scale > 0] / scale[scale > 0, None]
+    rows = np.asarray(w[index], dtype=np.float64)
+    rows = rows[np.isfinite(rows).all(axis=1)]
+    rows -= rows.mean(axis=1, keepdims=True)
+    scale = rows.std(axis=1)
+    return (rows[scale > 0] / scale[scale > 0, None]).astype(np.float32)
 
 
 def guess_layout(
@@ -203,7 +207,8 @@ def guess_layout(
     ``weight`` is ``(out, in)`` for ``WeightFormat.OUT_IN`` or ``(in, out)`` for
     ``IN_OUT``, any float dtype numpy can cast to float64 (memory-mapped is fine: only the
     sampled rows are read). ``kernel`` has 1 to 3 spatial sizes. Raises ``ValueError``
-    when the shapes disagree or the weight has non-finite values. Deterministic. The
+    when the shapes disagree. Filters holding NaN or infinity are left out of the
+    evidence (with fewer than two usable filters it cannot tell). Deterministic. The
     result never claims one of two h/w twins over the other: see :class:`LayoutGuess`.
     """
     kernel = tuple(int(k) for k in kernel)
@@ -225,7 +230,7 @@ def guess_layout(
         )
     n_rows = len(rows)
     if n_rows < 2:
-        return _cannot_tell(layouts, "the weight has fewer than two non-constant filters")
+        return _cannot_tell(layouts, "the weight has fewer than two finite, non-constant filters")
 
     # The null: the same statistics after a random permutation of the inputs.
     rng = np.random.default_rng(_SEED)

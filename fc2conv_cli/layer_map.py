@@ -17,8 +17,10 @@ from fc2conv_cli.layout import ConvFormat, Layout, WeightFormat
 
 __all__ = [
     "SUPPORTED_VERSIONS",
+    "DuplicateKeyError",
     "LayerMap",
     "Rule",
+    "load_yaml",
     "parse_layer_map",
     "read_layer_map",
     "yaml_problem",
@@ -109,17 +111,60 @@ def read_layer_map(path: Path) -> LayerMap:
 def parse_layer_map(text: str, source: str = "<map>") -> LayerMap:
     """Parse layer-map YAML text. ``source`` names the file in messages."""
     try:
-        doc = yaml.safe_load(text)
+        doc = load_yaml(text)
     except yaml.YAMLError as exc:
         raise MapError([yaml_problem(source, exc)]) from None
     return _Validator(source).layer_map(doc, text)
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping names one key twice; ``problem_mark`` is the second, ``context_mark`` the first."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``SafeLoader`` that refuses a key given twice in one mapping, while it is built.
+
+    Plain YAML keeps the last value silently, so ``kernel: [7, 7]`` followed later by
+    ``kernel: [1, 1]`` would convert with a kernel the user did not mean. Keys merged in
+    with ``<<`` may still be overridden, as the merge key's specification says.
+    """
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = first.setdefault(key, key_node)
+                except TypeError:  # unhashable: the base class says so, with its mark
+                    continue
+                if earlier is not key_node:
+                    raise DuplicateKeyError(
+                        None,
+                        earlier.start_mark,
+                        f"duplicate key {_show(key)} (first given on line "
+                        f"{earlier.start_mark.line + 1}, again on line "
+                        f"{key_node.start_mark.line + 1})",
+                        key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse one YAML document with safe types only; a key given twice in any mapping
+    raises ``DuplicateKeyError`` (a ``yaml.YAMLError``) naming the key and both lines."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
+
+
 def yaml_problem(source: str, exc: yaml.YAMLError) -> str:
-    """One line for a YAML syntax error: file, line and column when known, and the problem."""
+    """One line for a YAML error: file, line and column when known, and the problem."""
     mark = getattr(exc, "problem_mark", None)
     where = f"{source}: line {mark.line + 1}, column {mark.column + 1}" if mark else source
     problem = getattr(exc, "problem", None) or str(exc).strip().split("\n")[0]
+    if isinstance(exc, DuplicateKeyError):
+        return f"{where}: {problem}"
     return f"{where}: YAML syntax error: {problem}"
 
 
@@ -217,10 +262,12 @@ class _Validator:
         if not isinstance(layers, list) or not layers:
             self.problem("top level", "layers", "a non-empty list of layers", layers)
             return ()
+        # The map's spatial rank: from its first well-formed kernel (a malformed one, such
+        # as [], is reported as itself, not as a rank that every layout then misses).
         kernels = [
             layer.get("kernel")
             for layer in layers
-            if isinstance(layer, Mapping) and isinstance(layer.get("kernel"), list)
+            if isinstance(layer, Mapping) and _is_kernel(layer.get("kernel"))
         ]
         ndim = len(kernels[0]) if kernels else (layout.spatial_ndim if layout else 2)
         rules = []
@@ -305,11 +352,7 @@ class _Validator:
         )
 
     def kernel(self, where: str, value: Any, ndim: int) -> tuple[int, ...]:
-        if (
-            not isinstance(value, list)
-            or not 1 <= len(value) <= 3
-            or not all(_is_positive_int(v) for v in value)
-        ):
+        if not _is_kernel(value):
             self.problem(where, "kernel", "a list of 1 to 3 positive integers, e.g. [7, 7]", value)
             return (1,) * ndim
         if len(value) != ndim:
@@ -323,6 +366,12 @@ def _is_name(value: Any) -> bool:
 
 def _is_positive_int(value: Any) -> bool:
     return type(value) is int and value > 0
+
+
+def _is_kernel(value: Any) -> bool:
+    return (
+        isinstance(value, list) and 1 <= len(value) <= 3 and all(_is_positive_int(v) for v in value)
+    )
 
 
 # Bounded: a YAML alias bomb is a small document whose full repr() would not fit in memory.

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from fc2conv_cli.errors import ManifestError
-from fc2conv_cli.layer_map import yaml_problem
+from fc2conv_cli.layer_map import load_yaml, yaml_problem
 
 __all__ = ["BatchItem", "items_from_inputs", "read_manifest", "select_shard"]
 
@@ -41,7 +41,7 @@ def read_manifest(path: Path, output_dir: Path | None = None) -> tuple[BatchItem
     ``output_dir`` (the ``-o`` option) overrides the manifest's ``output_dir``.
     """
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = load_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ManifestError([f"{path}: manifest not found"]) from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -89,7 +89,8 @@ def convert(options: ConvertOptions) -> ConvertResult:
     """Convert one checkpoint; raises ``InputError`` (2) or ``CheckFailed`` (1)."""
     started = time.perf_counter()
     layer_map = read_layer_map(options.map_path)
-    check_output_path(options.input, options.output, options.force)
+    # A dry run replaces nothing, so an existing output is no reason to refuse it.
+    check_output_path(options.input, options.output, options.force or options.dry_run)
     # Hashing runs in a thread from here on, overlapping the torch import and the copy.
     digest = None if options.dry_run else sha256_in_background(options.input)
     with open_checkpoint(

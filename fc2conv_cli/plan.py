@@ -186,6 +186,12 @@ def _plan_layer(
             "expected a 2-D FC weight"
         )
         return None
+    if 0 in weight.shape:
+        problems.append(
+            f"{where}: weight {shown(weight_name)} has shape {list(weight.shape)}: an FC "
+            "weight with no inputs or no outputs has nothing to convert"
+        )
+        return None
     if weight.dtype not in FLOAT_DTYPES:
         problems.append(
             f"{where}: weight {weight_name!r} is {weight.dtype}, expected a float dtype"

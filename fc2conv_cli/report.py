@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -17,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fc2conv_cli import __version__
-from fc2conv_cli.errors import Fc2convError
+from fc2conv_cli.errors import Fc2convError, OutputError
 
 if TYPE_CHECKING:
     from fc2conv_cli.batch import BatchResult, FileOutcome
@@ -28,8 +30,10 @@ __all__ = [
     "PIPE_WIDTH",
     "BatchProgress",
     "batch_json",
+    "check_json_path",
     "conversion_json",
     "error_json",
+    "flush_stdout",
     "inspect_json",
     "make_console",
     "render_batch",
@@ -46,9 +50,23 @@ __all__ = [
 PIPE_WIDTH = 160
 
 
+class _Console(Console):
+    """A rich console for which a reader that went away (``| head``) is not a failure.
+
+    rich's own ``on_broken_pipe`` raises ``SystemExit(1)``, which is fc2conv's "a check
+    failed". Here the rest of the output is dropped and the command carries on: the
+    conversion still publishes, a ``--json`` file is still written, and the exit code is
+    the one the run earned.
+    """
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        _discard_rest(self.file)
+
+
 def make_console(stderr: bool = False) -> Console:
     """A console for stdout or stderr; colour and width follow the terminal, if any."""
-    console = Console(stderr=stderr)
+    console = _Console(stderr=stderr)
     if not console.is_terminal:
         console.width = PIPE_WIDTH
     return console
@@ -183,12 +201,37 @@ def error_json(error: Fc2convError) -> dict[str, Any]:
     return report
 
 
+def check_json_path(destination: str | None, *own_files: Path | None) -> None:
+    """Refuse a ``--json`` destination that could not be written, before any work starts.
+
+    ``None`` (no report) and ``-`` (stdout) always pass. A file must lie in an existing,
+    writable folder, must not be a directory or a read-only file, and must not be one of
+    ``own_files`` (the command's inputs and outputs), which the report would overwrite.
+    Raises ``OutputError``.
+    """
+    if destination is None or destination == "-":
+        return
+    path = Path(destination)
+    where = f"--json {destination}"
+    if path.is_dir():
+        raise OutputError(f"{where}: is a directory; give a file name for the JSON report")
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"{where}: folder {folder} does not exist")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"{where}: the file is not writable")
+    if not path.exists() and not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{where}: folder {folder} is not writable")
+    for own in own_files:
+        if own is not None and _same_file(path, own):
+            raise OutputError(f"{where}: is {own}, which the command reads or writes")
+
+
 def write_json(destination: str, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON to a file, or to stdout when ``destination`` is ``-``."""
     text = json.dumps(data, allow_nan=False, sort_keys=True, indent=2) + "\n"
     if destination == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        _write_to_stdout(text)
     else:
         with open(destination, "w", encoding="utf-8") as file:
             file.write(text)
@@ -383,8 +426,50 @@ def inspect_json(result: InspectResult) -> dict[str, Any]:
 
 def write_stdout(text: str) -> None:
     """Data for a pipe (a suggested map): plain text on stdout, nothing added."""
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    _write_to_stdout(text)
+
+
+def flush_stdout() -> None:
+    """Flush stdout before exit; a reader that went away gets nothing more, silently.
+
+    Python flushes stdout again at shutdown and, if that fails, prints "Exception
+    ignored" and exits 120: after a broken pipe stdout points at the null device.
+    """
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_rest(sys.stdout)
+
+
+def _write_to_stdout(text: str) -> None:
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_rest(sys.stdout)
+
+
+def _discard_rest(stream: Any) -> None:
+    """Point ``stream``'s file descriptor at the null device (the recipe in the ``signal``
+    docs, "Note on SIGPIPE"): later writes, and the flush at exit, succeed and go nowhere."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (a test's capture): nothing to redirect
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _counts(result: BatchResult) -> dict[str, int]:

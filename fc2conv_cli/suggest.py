@@ -16,7 +16,9 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fc2conv_cli.errors import InputError
+import yaml
+
+from fc2conv_cli.errors import InputError, shown
 from fc2conv_cli.layer_map import parse_layer_map
 from fc2conv_cli.layout import SPATIAL_AXES, Layout, WeightFormat
 from fc2conv_cli.plan import build_plan
@@ -85,18 +87,32 @@ def summarize(checkpoint: Checkpoint) -> CheckpointSummary:
 
 
 def suggest_map(checkpoint: Checkpoint, source_name: str) -> SuggestedMap:
-    """Suggest a layer map; raises ``InputError`` when the checkpoint has no FC head."""
+    """Suggest a layer map; raises ``InputError`` when the checkpoint has no FC head.
+
+    Weights with a zero-sized axis hold nothing to convert and are left out.
+    """
     tensors = checkpoint.tensors
-    fcs = [t for t in tensors.values() if len(t.shape) == 2 and t.name.endswith(".weight")]
-    convs = [t for t in tensors.values() if 3 <= len(t.shape) <= 5 and t.name.endswith(".weight")]
+    weights = [t for t in tensors.values() if t.name.endswith(".weight") and 0 not in t.shape]
+    fcs = [t for t in weights if len(t.shape) == 2]
+    convs = [t for t in weights if 3 <= len(t.shape) <= 5]
     if not fcs:
-        raise InputError(f"{source_name}: no FC weights (2-D '.weight' tensors) to convert")
+        empty = [t for t in tensors.values() if len(t.shape) == 2 and t.name.endswith(".weight")]
+        raise InputError(
+            f"{source_name}: no FC weights (2-D '.weight' tensors) to convert"
+            + "".join(f"; {shown(t.name)} {list(t.shape)} is empty" for t in empty[:3])
+        )
     outs = {t.shape[0] for t in fcs}
     roots = [t for t in fcs if t.shape[1] not in outs]
     if not roots:
         raise InputError(f"{source_name}: the FC weights form a cycle of sizes; write the map")
     root = max(roots, key=lambda t: t.shape[1])  # the widest input: the flattened map
     chain = _chain(root, fcs)
+    blank = [t.name for t in chain if not _prefix(t.name).strip()]
+    if blank:
+        raise InputError(
+            f"{source_name}: FC weight {blank[0]!r} has a blank layer prefix, which a "
+            "layer map cannot name; rename the tensor"
+        )
     in_channels, kernel, ambiguities = _first_kernel(root, convs)
     guess = _guess(checkpoint, root, in_channels, kernel)
     layout = (
@@ -221,10 +237,11 @@ def _render(
 ) -> str:
     size = "x".join(map(str, kernel))
     feeder = next((c.name for c in reversed(convs) if c.shape[0] == in_channels), None)
+    # Names go into comments through shown(): a line break in one must not end the comment.
     lines = [
-        f"# Layer map suggested by `fc2conv inspect --suggest-map` for {source}.",
-        f"# The first FC, {root.name} {list(root.shape)}, reads {in_channels} channels"
-        + (f" (out_channels of {feeder})" if feeder else "")
+        f"# Layer map suggested by `fc2conv inspect --suggest-map` for {shown(source)}.",
+        f"# The first FC, {shown(root.name)} {list(root.shape)}, reads {in_channels} channels"
+        + (f" (out_channels of {shown(feeder)})" if feeder else "")
         + f" x {size} = {root.shape[1]} inputs.",
     ]
     if guess is None:
@@ -240,26 +257,37 @@ def _render(
             lines.append(
                 f"# The map uses {layout}; if your model flattens as {guess.twin}, write that."
             )
-    lines += [f"# Check: {note}" for note in ambiguities]
+    lines += [f"# Check: {shown(note)}" for note in ambiguities]
     lines += [
         "# Weights are read as torch nn.Linear (out_features, in_features): weight_format out_in.",
         "version: 1",
-        f"layout: {layout}",
+        f"layout: {_scalar(layout)}",
         "weight_format: out_in",
         "layers:",
     ]
     for index, fc in enumerate(chain):
-        prefix = _prefix(fc.name)
         shape = f"{list(fc.shape)} -> conv {size if index == 0 else '1x1'}"
-        lines.append(f"  - name: {_yaml_string(prefix)}  # {shape}")
+        lines.append(f"  - name: {_scalar(_prefix(fc.name))}  # {shape}")
         if index == 0:
-            lines.append(f"    kernel: [{', '.join(map(str, kernel))}]")
-            lines.append(f"    in_channels: {in_channels}")
+            lines.append(f"    kernel: {_scalar(list(kernel))}")
+            lines.append(f"    in_channels: {_scalar(in_channels)}")
     return "\n".join(lines) + "\n"
 
 
-def _yaml_string(text: str) -> str:
-    """A YAML scalar for a tensor prefix: quoted unless plainly safe."""
-    return (
-        text if re.fullmatch(r"[A-Za-z_][\w.\-/]*", text) else '"' + text.replace('"', '\\"') + '"'
+# PyYAML folds long scalars at ``width`` columns; a map line is never folded.
+_NO_WRAP = 1 << 30
+
+
+def _scalar(value: str | int | list[int]) -> str:
+    """``value`` as a one-line YAML flow value that loads back as exactly ``value``.
+
+    PyYAML's own emitter decides: plain when that is unambiguous (``classifier.0``),
+    quoted when plain would change the type or the meaning (``null``, ``yes``, ``1.5``,
+    ``a: b``, ``x # y``), double-quoted with escapes for what is not printable (line
+    breaks, tabs, NUL, BOM). Non-ASCII text is kept as it is.
+    """
+    style = '"' if isinstance(value, str) and not value.isprintable() else None
+    text = yaml.safe_dump(
+        [value], default_flow_style=True, default_style=style, allow_unicode=True, width=_NO_WRAP
     )
+    return text.strip()[1:-1]  # the value, without the "[" "]" of its one-item list

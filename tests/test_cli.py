@@ -680,3 +680,234 @@ def test_the_unprivileged_runner_really_lacks_permissions(shared_dir, run_cli):
     outcome = _run_unprivileged(run_cli, "convert", source, "--map", layer_map, "-o", output)
     assert outcome.code == 0, outcome.stderr
     assert set(load_file(str(output))) == CONVERTED
+
+
+# ------------------------------------------------------------- promises that hold (issue 9)
+
+
+def _map_with_duplicate(where: str) -> tuple[str, str]:
+    """GOOD_MAP with one key given twice; returns the text and the expected line numbers."""
+    if where == "top level":
+        return (
+            "layout: hwc\n" + GOOD_MAP,
+            "duplicate key 'layout' (first given on line 1, again on line 3)",
+        )
+    return (
+        GOOD_MAP + "    kernel: [1, 1]\n",
+        "duplicate key 'kernel' (first given on line 6, again on line 7)",
+    )
+
+
+@pytest.mark.parametrize("where", ["top level", "in a layer"])
+def test_a_duplicate_key_in_the_map_exits_2_naming_the_key_and_both_lines(tmp_path, run_cli, where):
+    text, needle = _map_with_duplicate(where)
+    source, layer_map = _case(tmp_path, text)
+    output = tmp_path / "out.safetensors"
+    for command in (("convert",), ("convert", "--dry-run")):
+        outcome = run_cli(*command, source, "--map", layer_map, "-o", output)
+        line = _assert_refused(outcome, output, str(layer_map), needle)
+        assert "syntax error" not in line
+
+
+@pytest.mark.parametrize(
+    ("manifest", "needle"),
+    [
+        (
+            "version: 1\noutput_dir: out\njobs:\n  - {inputs: '*.safetensors', map: map.yaml}\n"
+            "output_dir: elsewhere\n",
+            "duplicate key 'output_dir' (first given on line 2, again on line 5)",
+        ),
+        (
+            "version: 1\noutput_dir: out\njobs:\n  - inputs: '*.safetensors'\n"
+            "    map: map.yaml\n    map: other.yaml\n",
+            "duplicate key 'map' (first given on line 5, again on line 6)",
+        ),
+    ],
+    ids=["top level", "in a job"],
+)
+def test_a_duplicate_key_in_a_manifest_exits_2_naming_the_key_and_both_lines(
+    tmp_path, run_cli, manifest, needle
+):
+    _case(tmp_path)
+    path = tmp_path / "manifest.yaml"
+    path.write_text(manifest)
+    outcome = run_cli("batch", path)
+    _assert_refused(outcome, tmp_path / "out" / "model.safetensors", str(path), needle)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("extra", [(), ("--force",)], ids=["plain", "with --force"])
+def test_dry_run_works_when_the_output_exists_and_changes_nothing(tmp_path, run_cli, extra):
+    source, layer_map = _case(tmp_path)
+    output = tmp_path / "out.safetensors"
+    output.write_bytes(b"an earlier file")
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    outcome = _convert(run_cli, source, layer_map, output, "--dry-run", *extra)
+    assert outcome.code == 0, outcome.stderr
+    assert "nothing written (dry run)" in outcome.stdout
+    assert "(5, 4, 2, 3)" in outcome.stdout
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()} == before
+
+
+def test_dry_run_still_refuses_the_input_as_output(tmp_path, run_cli):
+    source, layer_map = _case(tmp_path)
+    outcome = _convert(run_cli, source, layer_map, source, "--dry-run")
+    _assert_refused(outcome, source, "is the input file", output_existed=True)
+
+
+def _json_commands(folder: Path) -> dict[str, tuple[list[object], list[Path]]]:
+    """Every command that takes --json, on a good case (each exits 0 without --json), with
+    the files it reads or writes that a report must not overwrite."""
+    source, layer_map = _case(folder)
+    converted = folder / "done.safetensors"
+    shutil.copy(source, folder / "copy.safetensors")
+    manifest = folder / "manifest.yaml"
+    manifest.write_text(
+        "version: 1\noutput_dir: batch\njobs:\n  - {inputs: copy.*, map: map.yaml}\n"
+    )
+    suggested = folder / "suggested.yaml"
+    return {
+        "convert": (
+            ["convert", source, "--map", layer_map, "-o", folder / "out.safetensors"],
+            [source, layer_map],
+        ),
+        "verify": (["verify", source, converted, "--map", layer_map], [converted, layer_map]),
+        "inspect": (["inspect", source, "--suggest-map", "-o", suggested], [source]),
+        "batch": (
+            ["batch", manifest, "--jobs", "1"],
+            [manifest, folder / "copy.safetensors", layer_map],
+        ),
+    }
+
+
+@pytest.mark.parametrize("command", ["convert", "verify", "inspect", "batch"])
+def test_a_bad_json_path_exits_2_before_any_work(tmp_path, run_cli, command):
+    argv, own_files = _json_commands(tmp_path)[command]
+    converted = tmp_path / "done.safetensors"
+    assert (
+        _convert(run_cli, tmp_path / "model.safetensors", tmp_path / "map.yaml", converted).code
+        == 0
+    )
+    (tmp_path / "reports").mkdir()
+    destinations = [
+        (tmp_path / "nowhere" / "report.json", "folder"),
+        (tmp_path / "reports", "is a directory"),
+        *((own, "which the command reads or writes") for own in own_files),
+    ]
+    snapshot = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for destination, needle in destinations:
+        outcome = run_cli(*argv, "--json", destination)
+        assert outcome.code == 2, (destination, outcome.stderr)
+        assert outcome.stdout == ""
+        lines = outcome.stderr.splitlines()
+        assert len(lines) == 1, (destination, outcome.stderr)
+        assert lines[0].startswith(f"error: --json {destination}: "), lines[0]
+        assert needle in lines[0], (destination, lines[0])
+        # Nothing published, nothing replaced, no temp file: the files are as they were.
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == snapshot
+    # The same command with a good report path works (so the refusals above were --json's).
+    report_path = tmp_path / "reports" / "report.json"
+    outcome = run_cli(*argv, "--json", report_path)
+    assert outcome.code == 0, outcome.stderr
+    assert json.loads(report_path.read_text())["fc2conv_version"] == __version__
+
+
+def test_json_path_equal_to_the_output_is_refused(tmp_path, run_cli):
+    source, layer_map = _case(tmp_path)
+    output = tmp_path / "out.safetensors"
+    outcome = _convert(run_cli, source, layer_map, output, "--json", output)
+    _assert_refused(outcome, output, f"--json {output}", "which the command reads or writes")
+
+
+@pytest.mark.parametrize("target", ["folder", "file"])
+def test_an_unwritable_json_path_exits_2_before_any_work(shared_dir, run_cli, target):
+    source, layer_map = _readable_case(shared_dir)
+    out_dir = shared_dir / "out"
+    out_dir.mkdir()
+    out_dir.chmod(0o777)
+    output = out_dir / "out.safetensors"
+    reports = shared_dir / "reports"
+    reports.mkdir()
+    report_path = reports / "report.json"
+    if target == "file":
+        report_path.write_text("{}")
+        report_path.chmod(0o444)
+        reports.chmod(0o777)
+    else:
+        reports.chmod(0o555)
+    outcome = _run_unprivileged(
+        run_cli, "convert", source, "--map", layer_map, "-o", output, "--json", report_path
+    )
+    line = _assert_refused(outcome, output, f"--json {report_path}", "not writable")
+    assert ("folder" in line) == (target == "folder")
+
+
+BAD_OPTIONS = [
+    ("--seed", "-1", "-1 is not in the range x>=0"),
+    ("--seed", "1.5", "'1.5' is not a valid integer"),
+    ("--atol", "nan", "expected a finite number >= 0, got 'nan'"),
+    ("--atol", "inf", "expected a finite number >= 0, got 'inf'"),
+    ("--atol", "-1e-9", "expected a finite number >= 0, got '-1e-9'"),
+    ("--atol", "tight", "'tight' is not a number"),
+]
+
+
+@pytest.mark.parametrize(("option", "value", "needle"), BAD_OPTIONS)
+@pytest.mark.parametrize("command", ["convert", "verify", "batch"])
+def test_a_bad_option_value_exits_2_with_one_line(
+    tmp_path, run_cli, command, option, value, needle
+):
+    source, layer_map = _case(tmp_path)
+    output = tmp_path / "out.safetensors"
+    argv = {
+        "convert": ["convert", source, "--map", layer_map, "-o", output],
+        "verify": ["verify", source, output, "--map", layer_map],
+        "batch": ["batch", "--map", layer_map, "-o", tmp_path / "batch", source],
+    }[command]
+    outcome = run_cli(*argv, option, value)
+    line = _assert_refused(outcome, output, f"Invalid value for '{option}'", needle)
+    assert line.startswith("error: ") and line.endswith(f"(see 'fc2conv {command} --help')")
+    assert not (tmp_path / "batch").exists()
+
+
+def test_other_usage_errors_are_one_line_too(tmp_path, run_cli):
+    source, _ = _case(tmp_path)
+    output = tmp_path / "out.safetensors"
+    line = _assert_refused(run_cli("convert", source, "-o", output), output, "--map")
+    assert line == "error: Missing option '--map'. (see 'fc2conv convert --help')"
+    line = _assert_refused(run_cli("convert", source, "--colour"), output, "--colour")
+
+
+ZERO_SIZE = {
+    "no outputs (0, 24)": (
+        {"head.0.weight": np.zeros((0, 24), np.float32), "head.0.bias": np.zeros(0, np.float32)},
+        GOOD_MAP,
+        "weight head.0.weight has shape [0, 24]: an FC weight with no inputs or no outputs",
+    ),
+    "no inputs (5, 0)": (
+        {"head.0.weight": np.zeros((5, 0), np.float32)},
+        GOOD_MAP.replace("kernel: [2, 3]", "kernel: [1, 1]"),
+        "weight head.0.weight has shape [5, 0]: an FC weight with no inputs or no outputs",
+    ),
+    "no inputs, in_channels given": (
+        {"head.0.weight": np.zeros((5, 0), np.float32)},
+        GOOD_MAP + "    in_channels: 4\n",
+        "has shape [5, 0]",
+    ),
+    "an empty kernel": ({}, GOOD_MAP.replace("[2, 3]", "[]"), "kernel: expected a list of 1 to 3"),
+    "a zero in the kernel": (
+        {},
+        GOOD_MAP.replace("[2, 3]", "[0, 3]"),
+        "kernel: expected a list of 1 to 3 positive integers",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ZERO_SIZE))
+def test_zero_size_weights_and_empty_kernels_exit_2_with_one_line(tmp_path, run_cli, case):
+    overrides, map_text, needle = ZERO_SIZE[case]
+    source, layer_map = _case(tmp_path, map_text, **overrides)
+    output = tmp_path / "out.safetensors"
+    for extra in ((), ("--dry-run",), ("--no-check",)):
+        outcome = _convert(run_cli, source, layer_map, output, *extra)
+        _assert_refused(outcome, output, str(layer_map), "head.0", needle)

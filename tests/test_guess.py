@@ -244,8 +244,38 @@ def test_bad_input_is_a_value_error():
         guess_layout(np.zeros((4, 10)), 8, (4, 4))
     with pytest.raises(ValueError, match="2-D"):
         guess_layout(np.zeros((4, 8, 4, 4)), 8, (4, 4))
-    with pytest.raises(ValueError, match="non-finite"):
-        guess_layout(np.full((4, 128), np.nan), 8, (4, 4))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_weight_cannot_tell_instead_of_raising(bad):
+    guess = guess_layout(np.full((4, 128), bad, np.float32), 8, (4, 4))
+    assert_cannot_tell(guess)
+    assert "finite" in guess.reason
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_filters_with_nan_or_inf_are_left_out_and_the_rest_still_tell(bad):
+    weight, kernel, _ = trained_fc("chw", (12, 20))
+    weight = weight.copy()
+    weight[::4, 7] = bad  # one value in every fourth filter
+    guess = guess_layout(weight, CHANNELS, kernel)
+    assert guess.best == Layout("chw"), guess.reason
+    assert all(np.isfinite(v) for v in guess.scores.values())
+
+
+def test_filters_spanning_most_of_the_float32_range_are_kept():
+    # Each filter is mostly near -0.9 x max with a few values near +0.9 x max: finite, but
+    # a value minus the filter's mean exceeds float32's range, so it is done in float64.
+    top = np.finfo(np.float32).max
+    rng = np.random.default_rng(1)
+    weight = (-0.9 + 0.05 * rng.random((16, 128))) * top
+    weight[:, :3] = 0.9 * top
+    weight = weight.astype(np.float32)
+    assert np.isfinite(weight).all()
+    guess = guess_layout(weight, 8, (4, 4))
+    assert "fewer than two" not in guess.reason, guess.reason
+    assert guess.z != 0.0  # the filters were scored
+    assert all(np.isfinite(v) for v in guess.scores.values())
 
 
 def test_constant_weight_cannot_tell():

@@ -160,3 +160,56 @@ def test_read_layer_map_reports_missing_file(tmp_path):
         read_layer_map(tmp_path / "nope.yaml")
     with pytest.raises(MapError, match=r"is a directory"):
         read_layer_map(tmp_path)
+
+
+# ------------------------------------------------------------------------ duplicate keys
+# The loader refuses a key given twice while it builds each mapping: plain YAML would keep
+# the last value silently and convert with a kernel or layout the user did not mean.
+
+DUPLICATES = {
+    "top level": ("version: 1\nlayout: chw\nlayout: hwc\nlayers: [{name: a}]\n", "layout", 2, 3),
+    "in a layer": (
+        "version: 1\nlayout: chw\nlayers:\n  - name: a\n    kernel: [7, 7]\n"
+        "    in_channels: 2\n    kernel: [1, 1]\n",
+        "kernel",
+        5,
+        7,
+    ),
+    "in a flow mapping": (
+        "version: 1\nlayout: chw\nlayers: [{name: a, name: b}]\n",
+        "name",
+        3,
+        3,
+    ),
+    "a quoted and a plain spelling": (
+        'version: 1\n"version": 1\nlayout: chw\nlayers: [{name: a}]\n',
+        "version",
+        1,
+        2,
+    ),
+    "an integer key": ("1: a\nversion: 1\n1: b\nlayout: chw\nlayers: [{name: a}]\n", "1", 1, 3),
+}
+
+
+@pytest.mark.parametrize("case", list(DUPLICATES))
+def test_a_duplicate_key_anywhere_names_the_key_and_both_lines(case):
+    text, key, first, second = DUPLICATES[case]
+    [message] = problems(text)
+    assert message.startswith(f"map.yaml: line {second}, column "), message
+    assert f"duplicate key {key!r}" in message or f"duplicate key {key}" in message, message
+    assert f"first given on line {first}, again on line {second}" in message, message
+    assert "syntax error" not in message
+
+
+def test_a_merge_key_may_still_be_overridden():
+    # `<<` merges defaults that the mapping's own keys override: not a duplicate.
+    layer_map = parse(
+        "version: 1\nlayout: chw\nlayers:\n"
+        "  - &base {name: a, kernel: [7, 7]}\n  - <<: *base\n    name: b\n    kernel: [1, 1]\n"
+    )
+    assert [(r.name, r.kernel) for r in layer_map.rules] == [("a", (7, 7)), ("b", (1, 1))]
+
+
+def test_the_same_key_in_two_mappings_is_no_duplicate():
+    layer_map = parse("version: 1\nlayout: chw\nlayers:\n  - {name: a}\n  - {name: b}\n")
+    assert [r.name for r in layer_map.rules] == ["a", "b"]

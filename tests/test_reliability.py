@@ -752,3 +752,125 @@ def test_torch_source_dict_order_changes_only_the_source_digest(tmp_path, run_cl
         results.append((_sha256(source), _without_digest(output, _sha256(source))))
     assert results[0][0] != results[1][0]
     assert results[0][1] == results[1][1]
+
+
+# ------------------------------------------------------------------------ broken pipes
+# Convention: a reader that closes the pipe early (`| head -c 1`, `| true`) changes
+# nothing about the run. The conversion completes and publishes, a --json file is still
+# written, and the exit code is the one the run earned (0, or 1 / 2 for a failure): never
+# 1 for a passing conversion, never a traceback. What was still due on the pipe is dropped.
+
+
+def _closed_pipe_run(*args: object) -> subprocess.CompletedProcess:
+    """Run fc2conv with stdout a pipe whose reader has already gone: every write fails."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            _fc2conv(*args),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+            cwd=ROOT,
+        )
+    finally:
+        os.close(write_end)
+
+
+def _shell_pipeline(reader: str, *args: object) -> subprocess.CompletedProcess:
+    """``fc2conv ARGS | READER`` in bash; the return code is fc2conv's (PIPESTATUS)."""
+    return subprocess.run(
+        ["bash", "-c", f'"$@" | {reader}; exit "${{PIPESTATUS[0]}}"', "pipeline", *_fc2conv(*args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+
+
+def _quiet(done: subprocess.CompletedProcess) -> None:
+    for noise in ("Traceback", "Exception ignored", "BrokenPipeError", "Broken pipe"):
+        assert noise not in done.stderr, done.stderr
+
+
+@pytest.fixture
+def pipe_case(tmp_path):
+    source = tmp_path / "model.safetensors"
+    save_file(_tensors(), str(source))
+    (tmp_path / "map.yaml").write_text(MAP)
+    return source, tmp_path / "map.yaml", tmp_path / "out.safetensors"
+
+
+def _assert_published(source: Path, output: Path) -> None:
+    written = load_file(str(output))
+    np.testing.assert_array_equal(
+        written["fc.weight"], load_file(str(source))["head.0.weight"].reshape(5, 4, 2, 3)
+    )
+    assert _temp_files(output.parent) == []
+
+
+@pytest.mark.parametrize("json_to", [None, "-", "file"])
+def test_a_closed_stdout_never_turns_a_passing_conversion_into_a_failure(pipe_case, json_to):
+    source, layer_map, output = pipe_case
+    extra = (
+        [] if json_to is None else ["--json", "-" if json_to == "-" else output.parent / "r.json"]
+    )
+    done = _closed_pipe_run("convert", source, "--map", layer_map, "-o", output, *extra)
+    assert done.returncode == 0, done.stderr
+    _quiet(done)
+    _assert_published(source, output)
+    if json_to == "-":
+        assert "head.0.weight -> fc.weight" in done.stderr  # the table went to stderr, as always
+    else:
+        assert done.stderr == ""  # nothing more written anywhere
+    if json_to == "file":
+        assert json.loads((output.parent / "r.json").read_text())["published"] is True
+
+
+def test_a_closed_stdout_keeps_the_exit_code_of_a_refused_run(pipe_case):
+    source, layer_map, output = pipe_case
+    output.write_bytes(b"someone else's file")
+    done = _closed_pipe_run("convert", source, "--map", layer_map, "-o", output, "--json", "-")
+    assert done.returncode == 2, done.stderr
+    _quiet(done)
+    assert done.stderr.splitlines() == [
+        f"error: {output}: already exists; pass --force to replace it"
+    ]
+    assert output.read_bytes() == b"someone else's file"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("inspect", "--suggest-map"), ("inspect",), ("verify",), ("convert", "--dry-run"), ("batch",)],
+    ids=["inspect --suggest-map", "inspect", "verify", "convert --dry-run", "batch"],
+)
+def test_a_closed_stdout_is_quiet_for_every_command(pipe_case, command):
+    source, layer_map, output = pipe_case
+    if command[0] == "verify":
+        assert _cli("convert", source, "--map", layer_map, "-o", output).returncode == 0
+        argv = ["verify", source, output, "--map", layer_map]
+    elif command[0] == "batch":
+        argv = ["batch", "--map", layer_map, "-o", output.parent / "batch", "--jobs", "1", source]
+    elif command[0] == "inspect":
+        argv = [*command[:1], source, *command[1:]]
+    else:
+        argv = ["convert", source, "--map", layer_map, "-o", output, *command[1:]]
+    done = _closed_pipe_run(*argv)
+    assert done.returncode == 0, done.stderr
+    _quiet(done)
+    if command[0] == "batch":
+        _assert_published(source, output.parent / "batch" / "model.safetensors")
+
+
+@pytest.mark.parametrize("reader", ["head -c 1", "true"])
+@pytest.mark.parametrize("json_flag", [(), ("--json", "-")], ids=["table", "json"])
+def test_a_shell_pipeline_that_stops_reading_exits_0_and_publishes(pipe_case, reader, json_flag):
+    source, layer_map, output = pipe_case
+    done = _shell_pipeline(reader, "convert", source, "--map", layer_map, "-o", output, *json_flag)
+    assert done.returncode == 0, done.stderr
+    _quiet(done)
+    _assert_published(source, output)

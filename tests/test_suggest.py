@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 import zoo
-from safetensors.numpy import save_file
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import load_file, save_file
 
 from fc2conv_cli.readers import open_checkpoint
 from fc2conv_cli.suggest import suggest_map, summarize
@@ -195,3 +199,205 @@ def test_cli_table_json_and_map_destinations(run_cli, tmp_path):
     again = run_cli("inspect", source, "-o", tmp_path / "map.yaml")
     assert again.code == 2 and "already exists; pass --force" in again.stderr
     assert run_cli("inspect", source, "-o", tmp_path / "map.yaml", "--force").code == 0
+
+
+# ---------------------------------------------------- names round-trip through the map
+# The suggested map is YAML written by PyYAML's emitter, value by value (the comments
+# stay), so any tensor name loads back as itself: a hand-rolled quoting rule let `null`,
+# `yes` or `1.5` load as None, True or 1.5, and `a: b` or `x # y` change the document.
+
+AWKWARD_NAMES = [
+    "null",
+    "~",
+    "yes",
+    "on",
+    "1.5",
+    "0x10",
+    ".inf",
+    "-1",
+    "2026-01-01",
+    "back\\slash",
+    "C:\\models\\fc",
+    "key: value",
+    "colon:",
+    "it's",
+    'say "hi"',
+    "'\"",
+    "x # not a comment",
+    "#hash",
+    "- dash",
+    "? question",
+    "&anchor",
+    "*alias",
+    "!tag",
+    "%percent",
+    "@at",
+    "`tick",
+    "[list]",
+    "{map}",
+    "a, b",
+    "<<",
+    " leading space",
+    "trailing space ",
+    "tab\there",
+    "new\nline",
+    "nul\x00byte",
+    "bom\ufeff",
+    "line\u2028separator",
+    "café.classifier",
+    "分类器",
+    "emoji 😀",
+    "__metadata__x",
+]
+
+CONV = "backbone.weight"
+
+
+def _fc_checkpoint(path, prefix: str, weight: np.ndarray | None = None):
+    """A conv feeding an FC ``prefix`` (weight and bias) that reads a 4 x 2 x 2 map."""
+    rng = np.random.default_rng(3)
+    tensors = {
+        CONV: rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        f"{prefix}.weight": rng.standard_normal((5, 16)).astype(np.float32)
+        if weight is None
+        else weight,
+        f"{prefix}.bias": rng.standard_normal(5).astype(np.float32),
+    }
+    save_file(tensors, str(path))
+    return tensors
+
+
+def _round_trip(folder, prefix: str) -> None:
+    """suggest -> parse_layer_map -> convert, in the library; the output names the layer."""
+    from fc2conv_cli.layer_map import parse_layer_map
+    from fc2conv_cli.pipeline import ConvertOptions, convert
+
+    source = folder / "model.safetensors"
+    tensors = _fc_checkpoint(source, prefix)
+    suggestion = suggestion_for(source)
+    assert suggestion.layers == (prefix,)
+    [rule] = parse_layer_map(suggestion.text, "suggested").rules
+    assert (rule.name, rule.weight, rule.kernel) == (prefix, None, (2, 2))  # found by suffix
+    (folder / "map.yaml").write_text(suggestion.text, encoding="utf-8")
+    output = folder / "out.safetensors"
+    result = convert(ConvertOptions(source, folder / "map.yaml", output))
+    assert result.ok and result.published
+    written = load_file(str(output))
+    assert set(written) == {CONV, f"{prefix}.weight", f"{prefix}.bias"}
+    np.testing.assert_array_equal(
+        written[f"{prefix}.weight"], tensors[f"{prefix}.weight"].reshape(5, 4, 2, 2)
+    )
+
+
+@pytest.mark.parametrize("prefix", AWKWARD_NAMES)
+def test_any_name_round_trips_through_the_cli(run_cli, tmp_path, prefix):
+    source = tmp_path / "model.safetensors"
+    tensors = _fc_checkpoint(source, prefix)
+    map_path = tmp_path / "suggested.yaml"
+    outcome = run_cli("inspect", source, "--suggest-map", "-o", map_path)
+    assert outcome.code == 0, outcome.stderr
+    text = map_path.read_text(encoding="utf-8")
+    assert text.startswith("# Layer map suggested by")  # the comments are kept
+    assert "# [5, 16] -> conv 2x2" in text
+    assert all(line.isprintable() for line in text.splitlines())  # one line per value
+    assert yaml.safe_load(text)["layers"][0]["name"] == prefix
+    output = tmp_path / "out.safetensors"
+    converted = run_cli("convert", source, "--map", map_path, "-o", output)
+    assert converted.code == 0, converted.stderr
+    written = load_file(str(output))
+    np.testing.assert_array_equal(
+        written[f"{prefix}.weight"], tensors[f"{prefix}.weight"].reshape(5, 4, 2, 2)
+    )
+    np.testing.assert_array_equal(written[f"{prefix}.bias"], tensors[f"{prefix}.bias"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    prefix=st.one_of(st.sampled_from(AWKWARD_NAMES), st.text(min_size=1, max_size=24)).filter(
+        lambda p: p.strip() and p != "backbone"
+    )
+)
+def test_arbitrary_text_names_survive_suggest_parse_and_convert(prefix):
+    with tempfile.TemporaryDirectory() as folder:
+        _round_trip(Path(folder), prefix)
+
+
+def test_a_blank_layer_prefix_is_refused_with_one_line(run_cli, tmp_path):
+    source = tmp_path / "model.safetensors"
+    _fc_checkpoint(source, " ")
+    outcome = run_cli("inspect", source, "--suggest-map")
+    assert outcome.code == 2
+    assert outcome.stderr.strip().splitlines() == [
+        "error: model.safetensors: FC weight ' .weight' has a blank layer prefix, which a "
+        "layer map cannot name; rename the tensor"
+    ]
+
+
+def test_a_line_break_in_a_name_stays_inside_the_comments(tmp_path):
+    source = tmp_path / "line\nbreak.safetensors"
+    _fc_checkpoint(source, "fc\n# injected: yes")
+    text = suggestion_for(source).text
+    doc = yaml.safe_load(text)
+    assert doc["layers"] == [{"name": "fc\n# injected: yes", "kernel": [2, 2], "in_channels": 4}]
+    assert set(doc) == {"version", "layout", "weight_format", "layers"}
+    assert all(line.isprintable() for line in text.splitlines())
+
+
+# --------------------------------------------------- NaN, Inf and empty weights (exit 0/2)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["one nan", "one inf", "all nan", "-inf row"],
+)
+def test_nan_or_inf_in_the_fc_weight_never_makes_inspect_crash(run_cli, tmp_path, damage):
+    weight = np.random.default_rng(4).standard_normal((5, 16)).astype(np.float32)
+    if damage == "one nan":
+        weight[2, 3] = np.nan
+    elif damage == "one inf":
+        weight[0, 0] = np.inf
+    elif damage == "all nan":
+        weight[:] = np.nan
+    else:
+        weight[4] = -np.inf
+    source = tmp_path / "model.safetensors"
+    _fc_checkpoint(source, "head", weight)
+    table = run_cli("inspect", source)
+    assert table.code == 0, table.stderr
+    assert "FC head: 1 layers" in table.stdout
+    suggested = run_cli("inspect", source, "--suggest-map", "--json", tmp_path / "r.json")
+    assert suggested.code == 0, suggested.stderr
+    assert "Traceback" not in suggested.stderr
+    doc = yaml.safe_load(suggested.stdout)
+    assert doc["layers"][0] == {"name": "head", "kernel": [2, 2], "in_channels": 4}
+    assert doc["layout"] == "chw"  # cannot tell: PyTorch's order, and said so
+    guess = json.loads((tmp_path / "r.json").read_text())["suggested_map"]["layout_guess"]
+    assert guess["best"] is None and guess["reason"].startswith("cannot tell")
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (5, 0)])
+def test_empty_fc_weights_are_left_out_of_the_suggestion(run_cli, tmp_path, shape):
+    source = tmp_path / "model.safetensors"
+    save_file(
+        {
+            CONV: np.ones((4, 3, 3, 3), np.float32),
+            "empty.weight": np.zeros(shape, np.float32),
+            "empty_conv.weight": np.zeros((0, 3, 3, 3), np.float32),
+        },
+        str(source),
+    )
+    outcome = run_cli("inspect", source, "--suggest-map")
+    assert outcome.code == 2, outcome.stderr
+    assert outcome.stderr.strip().splitlines() == [
+        f"error: model.safetensors: no FC weights (2-D '.weight' tensors) to convert; "
+        f"empty.weight {list(shape)} is empty"
+    ]
+    # Beside a real FC head, the empty weight and the empty conv are simply ignored.
+    tensors = dict(load_file(str(source)))
+    tensors["head.weight"] = np.ones((5, 16), np.float32)
+    save_file(tensors, str(source))
+    outcome = run_cli("inspect", source, "--suggest-map")
+    assert outcome.code == 0, outcome.stderr
+    assert yaml.safe_load(outcome.stdout)["layers"] == [
+        {"name": "head", "kernel": [2, 2], "in_channels": 4}
+    ]
