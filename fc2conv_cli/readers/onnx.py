@@ -127,7 +127,7 @@ def _fields(data: Any, start: int, end: int) -> Iterator[tuple[int, int, int, in
         elif wire == 5:
             stop = value_at + 4
         else:
-            raise _Malformed(f"field {number} at byte {pos} has wire type {wire}")
+            raise _Malformed(f"byte {pos} starts no protobuf field (wire type {wire})")
         if stop > end:
             raise _Malformed(f"field {number} at byte {pos} runs past the end (truncated?)")
         yield number, wire, pos, stop
@@ -174,6 +174,8 @@ def _parse(path: Path, data: Any, onnx: Any, decode_error: type) -> _Parsed:
     bad = f"{path}: not a valid ONNX model"
     try:
         size = len(data)
+        if size == 0:
+            raise _Malformed("the file is empty")
         top, graphs = _split(data, [(0, size)], {_MODEL_GRAPH: "graph"}, "ModelProto")
         has_ir = any(n == _MODEL_IR_VERSION and w == 0 for n, w, _, _ in _fields(data, 0, size))
         if not has_ir or not graphs["graph"]:
