@@ -456,7 +456,7 @@ def _weight_formats(
     for node in graph.node:
         if node.domain not in _STANDARD_DOMAINS or len(node.input) < 2:
             continue
-        label = f"{node.op_type} {node.name or node.output[0] if node.output else ''}".strip()
+        label = f"{node.op_type} {node.name or (node.output[0] if node.output else '')}".strip()
         if node.op_type == "Gemm":
             fmt = WeightFormat.OUT_IN if _attr(node, "transB", "i", 0) else WeightFormat.IN_OUT
             alpha, beta = _attr(node, "alpha", "f", 1.0), _attr(node, "beta", "f", 1.0)
