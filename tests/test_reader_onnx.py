@@ -97,9 +97,10 @@ def gemm_model(seed: int = 0, dtype: type = np.float32, raw: bool = True):
     return _model(nodes, inits)
 
 
-def matmul_model(seed: int = 0):
+def matmul_model(seed: int = 0, nhwc: bool = False):
     """flatten -> MatMul + Add -> relu -> MatMul + Add, with tf2onnx-style names
-    (``dense/kernel:0``, in_out)."""
+    (``dense/kernel:0``, in_out). ``nhwc``: the feature map is transposed to NHWC before
+    the Flatten, as tf2onnx graphs of Keras models do (layout hwc)."""
     w = _weights(seed)
     stored = {
         "conv.weight": w["conv.weight"],
@@ -112,7 +113,8 @@ def matmul_model(seed: int = 0):
     nodes = [
         helper.make_node("Conv", ["x", "conv.weight", "conv.bias"], ["conv"]),
         helper.make_node("Relu", ["conv"], [FLAT_INPUT]),
-        helper.make_node("Flatten", [FLAT_INPUT], ["flat"], axis=1),
+        *[helper.make_node("Transpose", [FLAT_INPUT], ["nhwc"], perm=[0, 2, 3, 1])] * nhwc,
+        helper.make_node("Flatten", ["nhwc" if nhwc else FLAT_INPUT], ["flat"], axis=1),
         helper.make_node("MatMul", ["flat", "dense/kernel:0"], ["mm1"]),
         helper.make_node("Add", ["mm1", "dense/bias:0"], ["fc1_out"]),
         helper.make_node("Relu", ["fc1_out"], ["fc1_relu"]),
@@ -190,6 +192,9 @@ def test_torch_export_tensors_equal_onnx_to_array(tmp_path):
         assert ckpt.tensors["3.weight"].weight_format is WeightFormat.OUT_IN
         assert ckpt.tensors["5.weight"].weight_format is WeightFormat.OUT_IN
         assert ckpt.tensors["0.weight"].shape == (CHANNELS, 3, 3, 3)  # OIHW, as stored
+        graph = ckpt.graph
+    flatten = next(node for node in graph["nodes"] if node["op_type"] == "Flatten")
+    assert graph["shapes"][flatten["inputs"][0]] == [1, CHANNELS, *FEATURE_HW]
 
 
 @pytest.mark.parametrize(
@@ -496,10 +501,12 @@ def test_bad_files_exit_2_with_one_line_and_write_nothing(tmp_path, run_cli):
 # -- End to end: convert, then prove with onnxruntime ------------------------------------
 
 
-def _layers_map(first: str, second: str, rename: tuple[str, str] | None = None) -> str:
+def _layers_map(
+    first: str, second: str, rename: tuple[str, str] | None = None, layout: str = "chw"
+) -> str:
     renames = [f"    rename: {r}\n" for r in rename] if rename else ["", ""]
     return (
-        f"version: 1\nlayout: chw\nlayers:\n"
+        f"version: 1\nlayout: {layout}\nlayers:\n"
         f'  - name: "{first}"\n{renames[0]}'
         f"    kernel: [{FEATURE_HW[0]}, {FEATURE_HW[1]}]\n    in_channels: {CHANNELS}\n"
         f'  - name: "{second}"\n{renames[1]}'
@@ -507,9 +514,13 @@ def _layers_map(first: str, second: str, rename: tuple[str, str] | None = None) 
 
 
 def _fc_values(model) -> tuple[str, str, str]:
-    """The Flatten input, the first FC's output (after its bias) and the graph output."""
+    """The NCHW feature map Flatten reads (before a Transpose to NHWC), the first FC's
+    output (after its bias) and the graph output."""
     nodes = list(model.graph.node)
     flatten = next(n for n in nodes if n.op_type == "Flatten")
+    producer = next(n for n in nodes if flatten.input[0] in n.output)
+    if producer.op_type == "Transpose":
+        flatten = producer
     fc = next(i for i, n in enumerate(nodes) if n.op_type in ("Gemm", "MatMul"))
     if nodes[fc].op_type == "MatMul":
         fc += 1  # the Add of its bias
@@ -549,6 +560,11 @@ E2E = {
         _layers_map("dense", "dense_1"),
         ("dense/kernel:0", "dense_1/kernel:0"),
     ),
+    "matmul_nhwc": (
+        lambda p: save(matmul_model(nhwc=True), p),
+        _layers_map("dense", "dense_1", layout="hwc"),
+        ("dense/kernel:0", "dense_1/kernel:0"),
+    ),
     "float16": (
         lambda p: save(gemm_model(dtype=np.float16), p),
         _layers_map("fc1", "fc2"),
@@ -582,7 +598,7 @@ def test_converted_head_computes_what_onnxruntime_computes(tmp_path, run_cli, va
     layers = json.loads(report.read_text())["layers"]
     assert [layer["output_weight"] for layer in layers] == list(expected_names)
     assert [layer["weight_format"] for layer in layers] == (
-        ["in_out", "in_out"] if variant == "matmul" else
+        ["in_out", "in_out"] if variant.startswith("matmul") else
         ["out_in", "out_in"] if variant == "torch_export" else ["out_in", "in_out"]
     )  # fmt: skip
     tensors = load_file(str(out))
