@@ -373,6 +373,7 @@ def _graph_model(folder: Path, transpose_b: bool = False) -> tuple[Path, dict[st
          "input": [f"{prefix}/fc1/BiasAdd", kernel2], "attr": attr},
         {"name": "Identity", "op": "Identity", "input": [f"{prefix}/fc2/MatMul"]},
     ]  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
     manifest = _write_weights([list(weights.items())], folder, shard_size=64)
     document = {
         "format": "graph-model",
