@@ -18,17 +18,14 @@ import mmap
 import os
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fc2conv_cli.errors import CheckpointError, shown
 from fc2conv_cli.layout import WeightFormat
-from fc2conv_cli.readers.base import LazyBuffers, Loaded, TensorInfo
-
-if TYPE_CHECKING:
-    import numpy as np
+from fc2conv_cli.readers.base import Loaded, TensorInfo
 
 __all__ = ["DTYPES", "MODEL_FORMATS", "read"]
 
@@ -47,6 +44,8 @@ MODEL_FORMATS = ("layers-model", "graph-model")
 # Graph ops whose second input is an FC weight, and the attribute that transposes it.
 _MATMUL_OPS = ("MatMul", "_FusedMatMul")
 _STRING_LENGTH_BYTES = 4
+# Values dequantized per step: bounds the float64 intermediate to 8 MiB.
+_DECODE_CHUNK = 1 << 20
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
@@ -89,6 +88,28 @@ class _Group:
         return memoryview(b"".join(pieces))
 
 
+class _Buffers(Mapping[str, memoryview]):
+    """Each weight's bytes, made on every lookup and never kept.
+
+    A weight in one shard is a view of the map, so this costs nothing; a joined or
+    dequantized one lives only while its caller holds it. The pipeline reads each tensor
+    twice (write, then check): decoding twice is cheaper than keeping every decoded
+    tensor, which for a quantized VGG16 would be its full float32 size.
+    """
+
+    def __init__(self, loaders: dict[str, Callable[[], memoryview]]) -> None:
+        self._loaders = loaders
+
+    def __getitem__(self, name: str) -> memoryview:
+        return self._loaders[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+
 def read(path: Path, state_dict_key: str | None = None) -> Loaded:
     """Read ``model.json`` (or a bare weights manifest) and map its shards.
 
@@ -107,10 +128,10 @@ def read(path: Path, state_dict_key: str | None = None) -> Loaded:
         _unmap(maps)
         raise
     tensors, loaders, more_notes = _tensors(path, specs, _matmul_hints(graph))
-    buffers = LazyBuffers(loaders)
+    buffers = _Buffers(loaders)
 
     def close() -> None:
-        buffers.clear()
+        loaders.clear()
         _unmap(maps)
 
     if not tensors:
@@ -359,21 +380,21 @@ def _loader(spec: _Spec, group: _Group) -> Callable[[], memoryview]:
 
 
 def _dequantize(spec: _Spec, raw: memoryview) -> memoryview:
-    """Decode like tfjs-core ``decodeWeight``: ``q * scale + min`` in float64, then stored."""
+    """Decode like tfjs-core ``decodeWeight``: ``q * scale + min`` in float64, then stored
+    as the weight's dtype (int32 rounds halves up, as ``Math.round``); float16 widened."""
     import numpy as np
 
     quantization = spec.quantization or {}
     stored = np.frombuffer(raw, dtype=_QUANTIZED[quantization["dtype"]][1])
-    values: np.ndarray
-    if quantization["dtype"] == "float16":
-        values = stored.astype(np.float32)
-    else:
-        real = stored.astype(np.float64) * quantization["scale"] + quantization["min"]
-        # JavaScript's Math.round: halves round up.
-        values = (
-            np.floor(real + 0.5).astype(np.int32)
-            if spec.dtype == "int32"
-            else real.astype(np.float32)
+    values = np.empty(stored.size, np.int32 if spec.dtype == "int32" else np.float32)
+    for start in range(0, stored.size, _DECODE_CHUNK):
+        part = stored[start : start + _DECODE_CHUNK]
+        if quantization["dtype"] == "float16":
+            values[start : start + _DECODE_CHUNK] = part
+            continue
+        real = part.astype(np.float64) * quantization["scale"] + quantization["min"]
+        values[start : start + _DECODE_CHUNK] = (
+            np.floor(real + 0.5) if spec.dtype == "int32" else real
         )
     return memoryview(values.view(np.uint8))
 
