@@ -544,3 +544,171 @@ def test_bad_input_from_the_cli_exits_2_and_writes_nothing(run_cli, tmp_path, ke
     assert len(outcome.stderr.strip().splitlines()) == 1
     assert not output.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "map.yaml"]
+
+
+# --- end to end: convert, then prove with Keras ----------------------------------------------
+
+_MAP = """\
+version: 1
+layout: hwc             # Keras Flatten on NHWC
+layers:                 # no weight_format: TF.js stores in_out
+  - name: fc1
+    kernel: [4, 4]
+    in_channels: 4
+  - name: fc2
+"""
+
+
+def _convert(run_cli, tmp_path: Path, source: Path, text: str = _MAP) -> tuple[dict, dict]:
+    """Run ``fc2conv convert``; returns the output tensors and the JSON report."""
+    from safetensors.numpy import load_file
+
+    layer_map = tmp_path / "head.yaml"
+    layer_map.write_text(text)
+    output, report = tmp_path / "head_fcn.safetensors", tmp_path / "report.json"
+    outcome = run_cli("convert", source, "--map", layer_map, "-o", output, "--json", report)
+    assert outcome.code == 0, outcome.stderr
+    return load_file(str(output)), json.loads(report.read_text())
+
+
+def _conv_head(tensors: dict, report: dict, features_nhwc: np.ndarray) -> np.ndarray:
+    """The converted head (oihw conv weights) run by torch on a Keras NHWC feature map:
+    conv fc1, relu, 1x1 conv fc2; returns NHWC."""
+    import torch
+    from torch.nn.functional import conv2d, relu
+
+    (fc1, fc2) = report["layers"]
+    x = torch.from_numpy(np.ascontiguousarray(features_nhwc.transpose(0, 3, 1, 2))).double()
+    for layer, act in ((fc1, relu), (fc2, lambda t: t)):
+        weight = torch.from_numpy(tensors[layer["output_weight"]]).double()
+        bias = torch.from_numpy(tensors[layer["output_bias"]]).double()
+        x = act(conv2d(x, weight, bias))
+    return x.numpy().transpose(0, 2, 3, 1)
+
+
+def _keras_with(weights: dict[str, np.ndarray]):
+    """The same Keras architecture holding ``weights`` (dequantized ones where quantized)."""
+    model = _keras_model()
+    for layer in model.layers:
+        layer.set_weights([weights[f"{layer.name}/{w.name}"] for w in layer.weights])
+    return model
+
+
+def _keras_fc(model, features_nhwc: np.ndarray) -> np.ndarray:
+    """Keras' own Flatten -> fc1 -> fc2 on a feature map of the native size."""
+    import keras
+
+    x = features_nhwc
+    for layer in model.layers[1:]:
+        x = keras.ops.convert_to_numpy(layer(x))
+    return x
+
+
+@pytest.mark.parametrize("quantization", [None, "uint8", "uint16", "float16"])
+def test_converted_head_matches_keras(run_cli, tmp_path, keras_model, quantization):
+    """(a) native size: Keras' feature map -> converted conv head == Keras' FC output;
+    (b) a larger feature map: every position == Keras' FC on that window."""
+    import keras
+
+    qdtypes = {"uint8": np.uint8, "uint16": np.uint16, "float16": np.float16}
+    source = _export_layers_model(
+        tmp_path / "web_model",
+        keras_model,
+        quantization={quantization: "*"} if quantization else None,
+    )
+    tensors, report = _convert(run_cli, tmp_path, source)
+    assert [layer["weight_format"] for layer in report["layers"]] == ["in_out", "in_out"]
+    assert [layer["output_weight"] for layer in report["layers"]] == ["fc1/kernel", "fc2/kernel"]
+    assert tensors["fc1/kernel"].shape == (_HIDDEN, _FILTERS, 4, 4)
+    if quantization:
+        assert f"dequantized 6 tensors from {quantization} to float32" in report["notes"]
+    weights = {
+        name: _dequantized(data, qdtypes[quantization]) if quantization else data
+        for name, data in _keras_weights(keras_model)
+    }
+    model = _keras_with(weights)
+    rng = np.random.default_rng(3)
+
+    # (a) native input size: the whole Keras model vs the conv head on Keras' feature map.
+    images = rng.normal(size=(4, _SIDE, _SIDE, _CHANNELS)).astype(np.float32)
+    expected = keras.ops.convert_to_numpy(model(images))
+    features = keras.ops.convert_to_numpy(model.layers[0](images))  # Keras' own Conv2D
+    assert features.shape == (4, 4, 4, _FILTERS)
+    conv = _conv_head(tensors, report, features.astype(np.float64))
+    assert conv.shape == (4, 1, 1, _CLASSES)
+    np.testing.assert_allclose(conv[:, 0, 0], expected, rtol=1e-5, atol=1e-5)
+
+    # (b) a larger map (9 x 9 images -> 7 x 7 features): every 4 x 4 window, by Keras.
+    big = rng.normal(size=(2, 9, 9, _CHANNELS)).astype(np.float32)
+    features = keras.ops.convert_to_numpy(model.layers[0](big))
+    dense = _conv_head(tensors, report, features.astype(np.float64))
+    assert dense.shape == (2, 4, 4, _CLASSES)
+    for i in range(4):
+        for j in range(4):
+            window = features[:, i : i + 4, j : j + 4, :]
+            np.testing.assert_allclose(
+                dense[:, i, j], _keras_fc(model, window), rtol=1e-5, atol=1e-5
+            )
+
+
+def test_hwio_output_loads_into_a_keras_conv2d(run_cli, tmp_path, keras_model):
+    import keras
+
+    source = _export_layers_model(tmp_path / "web_model", keras_model)
+    tensors, _ = _convert(
+        run_cli, tmp_path, source, _MAP.replace("layers:", "conv_format: hwio\nlayers:")
+    )
+    assert tensors["fc1/kernel"].shape == (4, 4, _FILTERS, _HIDDEN)
+    head = keras.Sequential(
+        [
+            keras.Input((None, None, _FILTERS)),
+            keras.layers.Conv2D(_HIDDEN, 4, activation="relu", name="fc1"),
+            keras.layers.Conv2D(_CLASSES, 1, name="fc2"),
+        ]
+    )
+    for name in ("fc1", "fc2"):
+        head.get_layer(name).set_weights([tensors[f"{name}/kernel"], tensors[f"{name}/bias"]])
+    features = np.random.default_rng(4).normal(size=(3, 4, 4, _FILTERS)).astype(np.float32)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(head(features))[:, 0, 0],
+        _keras_fc(keras_model, features),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_graph_model_converts_with_its_matmul_weight_format(run_cli, tmp_path, transpose_b):
+    """The graph's own arithmetic (MatMul with transpose_b, BiasAdd) on a 2 x 2 x 2 map."""
+    path, weights = _graph_model(tmp_path / "graph", transpose_b)
+    kernel, bias, _ = weights
+    text = (
+        "version: 1\nlayout: hwc\nlayers:\n"
+        f"  - {{name: fc1, weight: '{kernel}', bias: '{bias}', kernel: [2, 2], in_channels: 2}}\n"
+    )
+    tensors, report = _convert(run_cli, tmp_path, path, text)
+    (layer,) = report["layers"]
+    assert layer["weight_format"] == ("out_in" if transpose_b else "in_out")
+    assert layer["output_weight"] == kernel
+    features = np.random.default_rng(5).normal(size=(3, 2, 2, 2))
+    w = weights[kernel].astype(np.float64)
+    fc = features.reshape(3, 8) @ (w.T if transpose_b else w) + weights[bias]
+    conv = np.einsum("nhwc,ochw->no", features, tensors[kernel]) + tensors[bias]
+    np.testing.assert_allclose(conv, fc, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("quantization", [None, "uint8"])
+def test_inspect_and_verify_exit_0(run_cli, tmp_path, keras_model, quantization):
+    source = _export_layers_model(
+        tmp_path / "web_model",
+        keras_model,
+        quantization={quantization: "*"} if quantization else None,
+    )
+    _convert(run_cli, tmp_path, source)
+    inspected = run_cli("inspect", source)
+    assert inspected.code == 0, inspected.stderr
+    assert "fc1/kernel" in inspected.stdout
+    verified = run_cli(
+        "verify", source, tmp_path / "head_fcn.safetensors", "--map", tmp_path / "head.yaml"
+    )
+    assert verified.code == 0, verified.stderr
