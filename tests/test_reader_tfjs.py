@@ -432,6 +432,19 @@ def test_trailing_shard_bytes_are_noted(tmp_path, keras_model):
         )
 
 
+def test_a_symlinked_shard_is_followed(tmp_path, keras_model):
+    """As in a Hugging Face cache, where snapshot files link to ../../blobs."""
+    path = _export_layers_model(tmp_path / "snapshot", keras_model)
+    shard = tmp_path / "snapshot" / "group1-shard2of2.bin"
+    blob = tmp_path / "blobs" / "0123abcd"
+    blob.parent.mkdir()
+    shard.rename(blob)
+    shard.symlink_to(Path("..") / "blobs" / blob.name)
+    with open_checkpoint(path) as checkpoint:
+        fc2 = dict(_keras_weights(keras_model))["fc2/kernel"]
+        np.testing.assert_array_equal(checkpoint.array("fc2/kernel"), fc2)
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 
@@ -443,6 +456,12 @@ def _edit(path: Path, change) -> None:
 
 def _first_weight(document: dict) -> dict:
     return document["weightsManifest"][0]["weights"][0]
+
+
+def _safetensors_bytes(path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({"x": np.zeros(3, np.float32)}, str(path))
 
 
 _BAD = {
@@ -516,6 +535,8 @@ _BAD = {
         "no tensors found in the TF.js weights manifest",
     ),
     "not_utf8": (lambda p: p.write_bytes(b'{"a": "\xff"}'), "not UTF-8 text"),
+    "binary_under_json": (lambda p: p.write_bytes(bytes(range(256)) * 4), "not UTF-8 text"),
+    "safetensors_under_json": (_safetensors_bytes, "the content is a safetensors file"),
 }
 
 
@@ -530,7 +551,11 @@ def test_bad_input_is_one_line(tmp_path, keras_model, case):
     assert "\n" not in caught.value.message and str(path) in caught.value.message
 
 
-@pytest.mark.parametrize("case", ["missing_shard", "short_shard", "truncated_json", "not_tfjs"])
+@pytest.mark.parametrize(
+    "case",
+    ["missing_shard", "short_shard", "truncated_json", "not_tfjs", "unknown_dtype",
+     "dotdot_path", "binary_under_json", "safetensors_under_json"],
+)  # fmt: skip
 def test_bad_input_from_the_cli_exits_2_and_writes_nothing(run_cli, tmp_path, keras_model, case):
     path = _export_layers_model(tmp_path / "m", keras_model)
     _BAD[case][0](path)
