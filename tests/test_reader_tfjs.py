@@ -212,6 +212,11 @@ def test_layers_model_names_shapes_and_bytes(tmp_path, keras_model):
     try:
         assert list(loaded.tensors) == [name for name, _ in weights]
         assert loaded.weight_format is WeightFormat.IN_OUT
+        formats = {n: i.weight_format for n, i in loaded.tensors.items()}
+        assert formats == {
+            "conv/kernel": None, "conv/bias": None, "fc1/kernel": WeightFormat.IN_OUT,
+            "fc1/bias": None, "fc2/kernel": WeightFormat.IN_OUT, "fc2/bias": None,
+        }  # fmt: skip
         assert loaded.notes == ()
         for name, data in weights:
             info = loaded.tensors[name]
@@ -397,7 +402,7 @@ def test_graph_model_names_and_matmul_hints(tmp_path, transpose_b):
         stored = WeightFormat.OUT_IN if transpose_b else WeightFormat.IN_OUT
         assert checkpoint.tensors[kernel].weight_format is stored
         assert checkpoint.tensors[kernel2].weight_format is WeightFormat.IN_OUT
-        assert checkpoint.tensors[bias].weight_format is None
+        assert checkpoint.tensors[bias].weight_format is None  # not 2-D: no FC format
         assert checkpoint.graph["format"] == "graph-model"
         ops = [node["op"] for node in checkpoint.graph["modelTopology"]["node"]]
         assert ops.count("MatMul") == 2

@@ -347,7 +347,8 @@ def _string_stop(where: str, group: _Group, offset: int, count: int) -> int:
 def _tensors(
     path: Path, laid: list[tuple[_Spec, _Group]], hints: dict[str, WeightFormat]
 ) -> tuple[dict[str, TensorInfo], dict[str, Callable[[], memoryview]], tuple[str, ...]]:
-    """TensorInfos and byte loaders; notes for dequantized and left-out weights."""
+    """TensorInfos (2-D ones with their stored FC format) and byte loaders; notes for
+    dequantized and left-out weights."""
     tensors: dict[str, TensorInfo] = {}
     loaders: dict[str, Callable[[], memoryview]] = {}
     dequantized: Counter[tuple[str, str]] = Counter()
@@ -356,9 +357,9 @@ def _tensors(
         if spec.dtype == "string":
             strings.append(spec.name)
             continue
-        tensors[spec.name] = TensorInfo(
-            spec.name, DTYPES[spec.dtype], spec.shape, hints.get(spec.name)
-        )
+        # Every 2-D weight carries its stored format: a MatMul's transpose_b, else in_out.
+        stored = hints.get(spec.name, WeightFormat.IN_OUT) if len(spec.shape) == 2 else None
+        tensors[spec.name] = TensorInfo(spec.name, DTYPES[spec.dtype], spec.shape, stored)
         loaders[spec.name] = _loader(spec, group)
         if spec.quantization is not None:
             dequantized[(spec.quantization["dtype"], spec.dtype)] += 1
