@@ -418,6 +418,17 @@ def test_format_is_inferred_from_the_topology_when_missing(tmp_path):
         assert any("taken as a graph-model" in note for note in checkpoint.notes)
 
 
+def test_an_unknown_format_is_noted(tmp_path):
+    path, weights = _graph_model(tmp_path)
+    _edit(path, lambda d: d.update(format="saved-model"))
+    with open_checkpoint(path) as checkpoint:
+        assert list(checkpoint.tensors) == list(weights)
+        assert checkpoint.notes == (
+            "format 'saved-model' is neither of layers-model, graph-model: only its "
+            "weightsManifest is read",
+        )
+
+
 def test_a_bare_weights_manifest_is_read(tmp_path, keras_model):
     manifest = _write_weights([_keras_weights(keras_model)], tmp_path, 1000)
     path = tmp_path / "weights_manifest.json"
@@ -425,6 +436,7 @@ def test_a_bare_weights_manifest_is_read(tmp_path, keras_model):
     with open_checkpoint(path) as checkpoint:
         assert len(checkpoint.tensors) == 6
         assert checkpoint.graph is None
+        assert checkpoint.notes == ("a bare weights manifest: no model topology",)
 
 
 def test_trailing_shard_bytes_are_noted(tmp_path, keras_model):

@@ -4,9 +4,9 @@ The manifest is a list of groups; each group's ``paths`` (relative to ``model.js
 folder) are concatenated in order, and its ``weights`` lie one after another in that
 buffer, so a weight may span two shards. Names are the manifest's, unchanged. Weights
 that lie in one shard unquantized are zero-copy views of the memory-mapped shard; the
-rest (spanning a boundary, or quantized) are decoded on first use. Quantized weights
-(``uint8`` / ``uint16`` with ``scale`` and ``min``, or ``float16``) are dequantized to
-their ``dtype`` as TF.js does: ``q * scale + min`` (rounded for ``int32``).
+rest (spanning a boundary, or quantized) are joined or decoded on each use, not kept.
+Quantized weights (``uint8`` / ``uint16`` with ``scale`` and ``min``, or ``float16``) are
+dequantized to their ``dtype`` as TF.js does: ``q * scale + min`` (rounded for ``int32``).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def read(path: Path, state_dict_key: str | None = None) -> Loaded:
     except BaseException:
         _unmap(maps)
         raise
-    tensors, loaders, more_notes = _tensors(path, specs, _matmul_hints(graph))
+    tensors, loaders, more_notes = _tensors(specs, _matmul_hints(graph))
     buffers = _Buffers(loaders)
 
     def close() -> None:
@@ -183,6 +183,11 @@ def _split_document(path: Path, document: Any) -> tuple[list, dict[str, Any] | N
     if fmt is None and isinstance(topology, dict):
         fmt = "graph-model" if "node" in topology else "layers-model"
         notes = (f"no 'format' in model.json: taken as a {fmt} from its modelTopology",)
+    elif fmt is not None and fmt not in MODEL_FORMATS:
+        notes = (
+            f"format {_brief(fmt)} is neither of {', '.join(MODEL_FORMATS)}: only its "
+            "weightsManifest is read",
+        )
     graph = {"format": fmt, "modelTopology": topology, "signature": document.get("signature")}
     return manifest, graph, notes
 
@@ -345,7 +350,7 @@ def _string_stop(where: str, group: _Group, offset: int, count: int) -> int:
 
 
 def _tensors(
-    path: Path, laid: list[tuple[_Spec, _Group]], hints: dict[str, WeightFormat]
+    laid: list[tuple[_Spec, _Group]], hints: dict[str, WeightFormat]
 ) -> tuple[dict[str, TensorInfo], dict[str, Callable[[], memoryview]], tuple[str, ...]]:
     """TensorInfos (2-D ones with their stored FC format) and byte loaders; notes for
     dequantized and left-out weights."""
