@@ -179,7 +179,7 @@ def process_item(item: BatchItem, options: BatchOptions) -> FileOutcome:
 def _plan(item: BatchItem) -> Plan:
     layer_map = read_layer_map(item.map_path)
     with open_checkpoint(item.input, layer_map.strip_prefixes, layer_map.state_dict_key) as source:
-        return build_plan(source.tensors, layer_map)
+        return build_plan(source.tensors, layer_map, source.weight_format)
 
 
 def _up_to_date(item: BatchItem) -> bool:

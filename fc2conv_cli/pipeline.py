@@ -96,7 +96,7 @@ def convert(options: ConvertOptions) -> ConvertResult:
     with open_checkpoint(
         options.input, layer_map.strip_prefixes, layer_map.state_dict_key, options.format
     ) as source:
-        plan = build_plan(source.tensors, layer_map)
+        plan = build_plan(source.tensors, layer_map, source.weight_format)
         result = ConvertResult(options, source.kind, plan, source.notes)
         if options.dry_run:
             return _finish(result, started)
@@ -167,7 +167,7 @@ def verify(options: ConvertOptions) -> ConvertResult:
         ) as source,
         open_checkpoint(options.output, format="safetensors") as converted,
     ):
-        plan = build_plan(source.tensors, layer_map)
+        plan = build_plan(source.tensors, layer_map, source.weight_format)
         result = ConvertResult(
             options,
             source.kind,

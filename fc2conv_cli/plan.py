@@ -100,13 +100,21 @@ class Plan:
         return tuple(t for t in self.tensors if t.layer is None)
 
 
-def build_plan(tensors: Mapping[str, TensorInfo], layer_map: LayerMap) -> Plan:
-    """Plan the conversion; raises ``PlanError`` listing every rule that does not fit."""
+def build_plan(
+    tensors: Mapping[str, TensorInfo],
+    layer_map: LayerMap,
+    stored_format: WeightFormat = WeightFormat.OUT_IN,
+) -> Plan:
+    """Plan the conversion; raises ``PlanError`` listing every rule that does not fit.
+
+    ``stored_format`` is how the checkpoint's format stores FC weights (Keras ``in_out``),
+    used for a rule whose map and tensor say nothing.
+    """
     problems: list[str] = []
     layers = []
     for index, rule in enumerate(layer_map.rules):
         where = f"{layer_map.source}: layers[{index}] ({shown(rule.name)})"
-        layer = _plan_layer(rule, tensors, where, problems)
+        layer = _plan_layer(rule, tensors, where, problems, stored_format)
         if layer is not None:
             layers.append(layer)
     outputs = [t for layer in layers for t in (layer.weight, layer.bias) if t is not None]
@@ -174,7 +182,11 @@ def _output_name(rule: Rule, source: str, default_suffix: str) -> str:
 
 
 def _plan_layer(
-    rule: Rule, tensors: Mapping[str, TensorInfo], where: str, problems: list[str]
+    rule: Rule,
+    tensors: Mapping[str, TensorInfo],
+    where: str,
+    problems: list[str],
+    stored_format: WeightFormat,
 ) -> LayerPlan | None:
     weight_name = _find_weight(rule, tensors, where, problems)
     if weight_name is None:
@@ -197,8 +209,8 @@ def _plan_layer(
             f"{where}: weight {weight_name!r} is {weight.dtype}, expected a float dtype"
         )
         return None
-    # The map's word, else what the file says of this tensor, else torch's (out, in).
-    fmt = rule.weight_format or weight.weight_format or WeightFormat.OUT_IN
+    # The map's word, else what the file says of this tensor, else of its format's FC weights.
+    fmt = rule.weight_format or weight.weight_format or stored_format
     out_features, in_features = weight.shape if fmt is WeightFormat.OUT_IN else weight.shape[::-1]
     kernel_size = math.prod(rule.kernel)
     kernel_text = "x".join(map(str, rule.kernel))

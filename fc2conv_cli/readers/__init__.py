@@ -90,9 +90,7 @@ def open_checkpoint(
         loaded.close()
         raise
     tensors = {
-        renamed[n]: TensorInfo(
-            renamed[n], info.dtype, info.shape, info.weight_format or loaded.weight_format
-        )
+        renamed[n]: TensorInfo(renamed[n], info.dtype, info.shape, info.weight_format)
         for n, info in loaded.tensors.items()
     }
     buffers = _RenamedBuffers(loaded.buffers, {new: old for old, new in renamed.items()})
