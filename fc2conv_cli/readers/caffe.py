@@ -149,8 +149,9 @@ def read(path: Path, state_dict_key: str | None = None) -> Loaded:
             net, version, [layer.message for layer in layers], [len(x.blobs) for x in layers]
         )
     except (_Malformed, DecodeError, UnicodeDecodeError) as exc:
+        reason = _reason(exc, view)
         close()
-        raise CheckpointError(f"{path}: not a valid caffemodel: {_reason(exc, view)}") from None
+        raise CheckpointError(f"{path}: not a valid caffemodel: {reason}") from None
     except CheckpointError:
         close()
         raise
