@@ -532,11 +532,21 @@ def test_converted_head_matches_opencv(tmp_path, run_cli, version, dtype, transp
     assert verified.code == 0, verified.stderr
 
 
-def test_inspect_lists_caffe_tensors(tmp_path, run_cli):
+def test_inspect_and_a_suggested_map(tmp_path, run_cli):
     built = _build(tmp_path, "V1", "F16")
     outcome = run_cli("inspect", built.model, "--json", "-")
     assert outcome.code == 0, outcome.stderr
-    assert "fc1.weight" in outcome.stdout or "fc1" in outcome.stdout
+    report = json.loads(outcome.stdout)
+    assert report["input_format"] == "caffe"
+    kinds = {group["prefix"]: group["kind"] for group in report["groups"]}
+    assert kinds == {"conv1": "conv", "fc1": "fc", "fc2": "fc"}
+    assert any("squeezed legacy" in note for note in report["notes"])
+    suggested = tmp_path / "suggested.yaml"
+    assert run_cli("inspect", built.model, "-o", suggested).code == 0
+    output = tmp_path / "suggested.safetensors"
+    outcome = run_cli("convert", built.model, "--map", suggested, "-o", output)
+    assert outcome.code == 0, outcome.stderr
+    assert load_file(output)["fc1.weight"].shape == (10, *FEATURE)
 
 
 # -- sample config ------------------------------------------------------------------------------
