@@ -366,6 +366,19 @@ def test_unpacked_and_split_values_read_as_protobuf_does(tmp_path):
         assert any("copied" in note for note in checkpoint.notes)
 
 
+def test_unknown_fields_and_groups_are_skipped(tmp_path):
+    """Fork-specific fields, and groups (OpenCV's custom layer params), are not ours to read."""
+    inner = _key(901, 3) + _key(1, 0) + _varint(5) + _key(901, 4)
+    group = _key(900, 3) + _length_field(1, b"key") + inner + _key(900, 4)
+    layer = _fc_layer().SerializeToString() + group + _length_field(1999, b"fork param")
+    net = _length_field(100, layer) + _length_field(77, b"fork net field")
+    assert S.NetParameter.FromString(net).layer[0].name == "fc"  # protobuf agrees
+    path = tmp_path / "fork.caffemodel"
+    path.write_bytes(net)
+    with open_checkpoint(path) as checkpoint:
+        assert checkpoint.array("fc.weight").tolist() == [[0.5] * 3] * 2
+
+
 def test_diff_is_left_out_with_a_note(tmp_path):
     net = S.NetParameter()
     layer = net.layer.add(name="fc", type="InnerProduct")
@@ -430,6 +443,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[bytes, str]]:
     bad_param = S.LayerParameter(name="fc", type="InnerProduct").SerializeToString()
     bad_param += _length_field(117, b"\x08\xff")  # num_output: a varint cut short
     v0 = _length_field(2, _length_field(1, S.LayerParameter(name="x").SerializeToString()))
+    deep = S.LayerParameter(name="x").SerializeToString() + _key(900, 3) * 100_000
+    not_utf8 = _fc_layer().SerializeToString().replace(b"\x0a\x02fc", b"\x0a\x02\xff\xfe", 1)
     return {
         "truncated in half": (good[: len(good) // 2], "truncated"),
         "truncated by one byte": (good[:-1], "truncated"),
@@ -450,6 +465,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[bytes, str]]:
         "two layers named fc": (_net_bytes(_fc_layer(), _fc_layer()), "collide"),
         "corrupt layer params": (_length_field(100, bad_param), "protobuf cannot decode"),
         "V0 layers": (v0, "V0 layer format"),
+        "groups nested 100000 deep": (_length_field(100, deep), "truncated"),
+        "a layer name not UTF-8": (_length_field(100, not_utf8), "not UTF-8 text"),
         "an ONNX-like message": (_key(1, 0) + _varint(8) + _length_field(2, b"pytorch"), "wire"),
     }
 

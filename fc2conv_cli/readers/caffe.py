@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from fc2conv_cli.errors import CheckpointError, shown
+from fc2conv_cli.errors import CheckpointError
 from fc2conv_cli.layout import WeightFormat
 from fc2conv_cli.readers.base import LazyBuffers, Loaded, TensorInfo
 
@@ -260,15 +260,30 @@ def _records(buf: memoryview, start: int, end: int) -> Iterator[_Record]:
 
 
 def _skip_group(buf: memoryview, pos: int, end: int, number: int) -> int:
-    while pos < end:
-        key, after = _varint(buf, pos, end)
-        if key & 7 == _GROUP_END:
-            if key >> 3 != number:
-                raise _Malformed(f"unmatched end of group at byte {pos}")
-            return after
-        record = next(_records(buf, pos, end))
-        pos = record.end
-    raise _Malformed(f"group {number} runs past byte {end} (truncated file?)")
+    """Where the group opened by field ``number`` ends; nested groups without recursion."""
+    open_groups = [number]
+    while open_groups:
+        key, pos = _varint(buf, pos, end)
+        inner, wire = key >> 3, key & 7
+        if wire == _GROUP_START:
+            open_groups.append(inner)
+        elif wire == _GROUP_END:
+            if open_groups.pop() != inner:
+                raise _Malformed(f"unmatched end of group {inner} at byte {pos}")
+        elif wire == _VARINT:
+            _, pos = _varint(buf, pos, end)
+        elif wire in (_FIXED64, _FIXED32):
+            pos += 8 if wire == _FIXED64 else 4
+        elif wire == _LENGTH:
+            length, pos = _varint(buf, pos, end)
+            pos += length
+        else:
+            raise _Malformed(f"invalid wire type {wire} at byte {pos}")
+        if pos > end:
+            break
+    if open_groups or pos > end:
+        raise _Malformed(f"group {number} runs past byte {end} (truncated file?)")
+    return pos
 
 
 def _wire_types(descriptor: Any) -> dict[int, tuple[int, ...]]:
@@ -347,7 +362,9 @@ def _parse_layer(
     where = f"layer {index}"
     kept, rest = _split(view, record.value_start, record.end, message_type.DESCRIPTOR, keep, where)
     message = message_type.FromString(rest)
-    where = f"layer {shown(message.name)!r}" if message.name else where
+    if not isinstance(message.name, str):  # upb hands out invalid UTF-8 as bytes
+        raise _Malformed(f"{where}: its name {message.name!r} is not UTF-8 text")
+    where = f"layer {message.name!r}" if message.name else where
     if version == "V1" and kept[_V0_LAYER]:
         raise _Malformed(
             f"{where} uses the V0 layer format (Caffe before 2014); upgrade the file with "
@@ -460,8 +477,8 @@ def _tensors(
             name = f"{layer.message.name}.{_suffix(layer.type, index)}"
             if name in owners:
                 raise CheckpointError(
-                    f"{path}: two layers named {shown(layer.message.name)!r} hold blobs; "
-                    f"their tensor names collide ({shown(name)!r})"
+                    f"{path}: two layers named {layer.message.name!r} hold blobs; "
+                    f"their tensor names collide ({name!r})"
                 )
             owners[name] = layer.message.name
             shape = blob.shape
@@ -556,10 +573,10 @@ def graph_of(
         kind = _layer_type(message, version)
         entries.append(
             {
-                "name": message.name,
-                "type": kind,
-                "bottom": list(message.bottom),
-                "top": list(message.top),
+                "name": _text(message.name),
+                "type": _text(kind),
+                "bottom": [_text(b) for b in message.bottom],
+                "top": [_text(t) for t in message.top],
                 "blobs": [f"{message.name}.{_suffix(kind, i)}" for i in range(count)],
                 "params": _params(message, kind),
             }
@@ -570,7 +587,12 @@ def graph_of(
             for i, top in enumerate(entry["top"]):
                 shape = shapes[i] if len(shapes) > 1 else shapes[0] if shapes else None
                 inputs.append({"name": top, "shape": shape})
-    return {"name": net.name, "version": version, "inputs": inputs, "layers": entries}
+    return {"name": _text(net.name), "version": version, "inputs": inputs, "layers": entries}
+
+
+def _text(value: str | bytes) -> str:
+    """A string field as text (upb gives invalid UTF-8 as bytes)."""
+    return value if isinstance(value, str) else value.decode("utf-8", "backslashreplace")
 
 
 def _layer_type(message: Any, version: str) -> str:
@@ -589,7 +611,9 @@ def _net_inputs(net: Any) -> list[dict[str, Any]]:
     elif net.input_dim:
         dims = list(net.input_dim)
         shapes = [dims[4 * i : 4 * i + 4] or None for i in range(len(names))]
-    return [{"name": n, "shape": s} for n, s in zip(names, shapes[: len(names)], strict=True)]
+    return [
+        {"name": _text(n), "shape": s} for n, s in zip(names, shapes[: len(names)], strict=True)
+    ]
 
 
 def _has(message: Any, name: str) -> bool:
