@@ -215,14 +215,16 @@ def _fc(arrays: dict[str, np.ndarray], x: np.ndarray, transpose: bool) -> np.nda
     return np.maximum(x @ w1.T + b1, 0) @ w2.T + b2
 
 
-def _convert(run_cli, built: Built, folder: Path, weight_format: str | None = None):
+def _convert(
+    run_cli, built: Built, folder: Path, layer_map_text: str = MAP.format(weight_format="")
+):
+    """``fc2conv convert`` with a map; the converted tensors, the map and output, the JSON."""
     layer_map = folder / "map.yaml"
-    top = f"weight_format: {weight_format}\n" if weight_format else ""
-    layer_map.write_text(MAP.format(weight_format=top))
-    output = folder / "out.safetensors"
-    outcome = run_cli("convert", built.model, "--map", layer_map, "-o", output)
+    layer_map.write_text(layer_map_text)
+    output, report = folder / "out.safetensors", folder / "report.json"
+    outcome = run_cli("convert", built.model, "--map", layer_map, "-o", output, "--json", report)
     assert outcome.code == 0, outcome.stderr
-    return load_file(output), layer_map, output
+    return load_file(output), layer_map, output, json.loads(report.read_text())
 
 
 VARIANTS = [("V2", "F32", False), ("V2", "F64", False), ("V2", "F16", False), ("V1", "F32", False)]
@@ -511,10 +513,14 @@ def test_prototxt_errors_are_one_line(tmp_path):
 def test_converted_head_matches_opencv(tmp_path, run_cli, version, dtype, transpose):
     built = _build(tmp_path, version, dtype, transpose)
     runnable = built if dtype != "F64" and not transpose else _opencv_twin(built, tmp_path / "t")
-    # The map names the stored weight format: per-tensor hints need the naming change.
-    converted, layer_map, output = _convert(
-        run_cli, built, tmp_path, "in_out" if transpose else None
-    )
+    # The map gives no weight_format: each layer takes the one the file stores.
+    converted, layer_map, output, report = _convert(run_cli, built, tmp_path)
+    stored = "in_out" if transpose else "out_in"
+    assert [layer["weight_format"] for layer in report["layers"]] == [stored, stored]
+    assert [(layer["output_weight"], layer["output_bias"]) for layer in report["layers"]] == [
+        ("fc1.weight", "fc1.bias"), ("fc2.weight", "fc2.bias"),
+    ]  # fmt: skip
+    assert report["input_format"] == "caffe"
     assert converted["fc1.weight"].shape == (10, *FEATURE)
     assert converted["fc2.weight"].shape == (5, 10, 1, 1)
     assert converted["fc1.weight"].dtype == NP_DTYPES[dtype]
@@ -547,6 +553,19 @@ def test_converted_head_matches_opencv(tmp_path, run_cli, version, dtype, transp
     assert run_cli("inspect", built.model).code == 0
     verified = run_cli("verify", built.model, output, "--map", layer_map)
     assert verified.code == 0, verified.stderr
+
+
+def test_rename_and_hwio_output(tmp_path, run_cli):
+    """``rename`` replaces the layer prefix and keeps Caffe's suffix; ``hwio`` kernels."""
+    built = _build(tmp_path, "V1", "F32", transpose=False)
+    text = MAP.replace("  - name: fc1\n", "  - name: fc1\n    rename: score1\n")
+    text = text.format(weight_format="conv_format: hwio\n")
+    converted, *_ = _convert(run_cli, built, tmp_path, text)
+    oihw = built.arrays["fc1.weight"].reshape(10, *FEATURE)
+    assert np.array_equal(converted["score1.weight"], oihw.transpose(2, 3, 1, 0))
+    assert np.array_equal(converted["score1.bias"], built.arrays["fc1.bias"])
+    assert converted["fc2.weight"].shape == (1, 1, 10, 5)
+    assert "fc1.weight" not in converted
 
 
 def test_inspect_and_a_suggested_map(tmp_path, run_cli):
