@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -497,6 +498,33 @@ def test_bad_input_from_the_cli_exits_2_and_writes_nothing(tmp_path, run_cli):
         assert "Traceback" not in outcome.stderr
         assert not output.exists()
         assert not list(tmp_path.glob("*.tmp*")), case
+
+
+def test_missing_protobuf_names_the_extra(tmp_path, monkeypatch):
+    built = _build(tmp_path)
+    monkeypatch.setitem(sys.modules, "google.protobuf", None)  # import raises ImportError
+    with pytest.raises(CheckpointError, match=r"needs protobuf: pip install 'fc2conv\[caffe\]'"):
+        open_checkpoint(built.model)
+
+
+def test_format_flag_reads_a_caffemodel_under_another_name(tmp_path, run_cli):
+    built = _build(tmp_path)
+    renamed = built.model.rename(tmp_path / "weights.bin")  # .bin says torch
+    assert run_cli("inspect", renamed).code == 2
+    outcome = run_cli("inspect", renamed, "--format", "caffe", "--json", "-")
+    assert outcome.code == 0, outcome.stderr
+    assert json.loads(outcome.stdout)["input_format"] == "caffe"
+
+
+def test_batch_converts_a_caffemodel_as_convert_does(tmp_path, run_cli):
+    built = _build(tmp_path / "zoo", "V1", "F16")
+    converted, layer_map, *_ = _convert(run_cli, built, tmp_path)
+    outcome = run_cli("batch", "--map", layer_map, "-o", tmp_path / "out", "-j", "1", built.model)
+    assert outcome.code == 0, outcome.stderr
+    (batched,) = (tmp_path / "out").rglob("*.safetensors")
+    assert load_file(batched).keys() == converted.keys()
+    for name, array in load_file(batched).items():
+        assert np.array_equal(array, converted[name]), name
 
 
 def test_prototxt_errors_are_one_line(tmp_path):
