@@ -468,6 +468,11 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[bytes, str]]:
         "two layers named fc": (_net_bytes(_fc_layer(), _fc_layer()), "collide"),
         "corrupt layer params": (_length_field(100, bad_param), "protobuf cannot decode"),
         "V0 layers": (v0, "V0 layer format"),
+        "data and double_data": (_net_bytes(_fc_layer(double_data=[0.5] * 6)), "more than one"),
+        "packed data not whole": (
+            _length_field(100, _length_field(7, _length_field(5, b"\0" * 6))),
+            "not a whole number",
+        ),
         "groups nested 100000 deep": (_length_field(100, deep), "truncated"),
         "a layer name not UTF-8": (_length_field(100, not_utf8), "not UTF-8 text"),
         "an ONNX-like message": (_key(1, 0) + _varint(8) + _length_field(2, b"pytorch"), "wire"),
@@ -483,6 +488,27 @@ def test_bad_input_raises_one_line(tmp_path):
         message = caught.value.message
         assert expected in message, (case, message)
         assert str(path) in message and "\n" not in message, case
+
+
+def test_every_truncation_and_byte_flip_is_read_or_refused(tmp_path):
+    """No cut or corrupted byte makes the reader fail other than with one line."""
+    good = _build(tmp_path / "good", "V1", "F16").model.read_bytes()
+    rng = np.random.default_rng(0)
+    variants = [good[:cut] for cut in range(0, len(good), 5)]
+    for _ in range(150):
+        flipped = bytearray(good)
+        flipped[rng.integers(len(good))] = rng.integers(256)
+        variants.append(bytes(flipped))
+    path = tmp_path / "variant.caffemodel"
+    refused = 0
+    for content in variants:
+        path.write_bytes(content)
+        try:
+            open_checkpoint(path).close()
+        except CheckpointError as exc:
+            assert "\n" not in exc.message
+            refused += 1
+    assert refused > len(variants) // 2
 
 
 def test_bad_input_from_the_cli_exits_2_and_writes_nothing(tmp_path, run_cli):

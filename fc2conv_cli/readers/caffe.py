@@ -381,7 +381,7 @@ def _parse_blob(view: memoryview, record: _Record, schema: Any, where: str) -> _
     keep = (*_BLOB_LEGACY, *_BLOB_VALUES, _BLOB_DIFF, _BLOB_DOUBLE_DIFF)
     kept, _ = _split(view, record.value_start, record.end, descriptor, keep, where)
     has_diff = bool(kept[_BLOB_DIFF] or kept[_BLOB_DOUBLE_DIFF])
-    dtype, spans = _blob_values(view, kept, where)
+    dtype, spans = _blob_values(kept, where)
     itemsize = {"F16": 2, "F32": 4, "F64": 8}[dtype]
     count = sum(b - a for a, b in spans) // itemsize
     shape, legacy = _blob_shape(view, kept, schema, where)
@@ -393,21 +393,18 @@ def _parse_blob(view: memoryview, record: _Record, schema: Any, where: str) -> _
     return _Blob(dtype, shape, spans, legacy, has_diff)
 
 
-def _blob_values(
-    view: memoryview, kept: dict[int, list[_Record]], where: str
-) -> tuple[str, list[tuple[int, int]]]:
-    """The dtype and byte spans of the blob's values, from whichever field holds them."""
-    found = []
-    for number, dtype, unpacked, size in (
-        (_BLOB_DATA, "F32", _FIXED32, 4),
-        (_BLOB_DOUBLE, "F64", _FIXED64, 8),
-    ):
+def _blob_values(kept: dict[int, list[_Record]], where: str) -> tuple[str, list[tuple[int, int]]]:
+    """The dtype and byte spans of the blob's values, from whichever field holds them.
+
+    Packed or not, a repeated float field's values are the records' payloads in order.
+    """
+    found: list[tuple[str, list[tuple[int, int]]]] = []
+    for number, dtype, size in ((_BLOB_DATA, "F32", 4), (_BLOB_DOUBLE, "F64", 8)):
         records = [r for r in kept[number] if r.end > r.value_start]
         if records:
-            spans = [(r.value_start, r.end) for r in records]
             if any(r.wire == _LENGTH and r.value % size for r in records):
                 raise _Malformed(f"{where}: packed {dtype} data is not a whole number of values")
-            found.append((dtype, spans, unpacked))
+            found.append((dtype, [(r.value_start, r.end) for r in records]))
     if kept[_BLOB_RAW]:
         raw = kept[_BLOB_RAW][-1]  # optional bytes: the last one wins
         if not kept[_BLOB_RAW_TYPE]:
@@ -419,12 +416,10 @@ def _blob_values(
         dtype, size = _RAW_TYPES[kind]
         if raw.value % size:
             raise _Malformed(f"{where}: {raw.value} bytes of raw_data are not whole {dtype} values")
-        found.append((dtype, [(raw.value_start, raw.end)], None))
+        found.append((dtype, [(raw.value_start, raw.end)]))
     if len(found) > 1:
         raise _Malformed(f"{where}: holds values in more than one of data, double_data, raw_data")
-    if not found:
-        return "F32", []
-    return found[0][0], found[0][1]
+    return found[0] if found else ("F32", [])
 
 
 def _blob_shape(
@@ -516,7 +511,7 @@ def _suffix(kind: str, index: int) -> str:
 def _squeeze_legacy(kind: str, index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     """InnerProduct weights (1, 1, out, in) -> (out, in); biases (1, 1, 1, n) -> (n,)."""
     names = BLOB_NAMES.get(kind, ())
-    if index < len(names) and names[index] == _BIAS_SUFFIX and kind in BLOB_NAMES:
+    if index < len(names) and names[index] == _BIAS_SUFFIX:
         keep = 1
     elif kind in ("InnerProduct", "Embed") and index == 0:
         keep = 2
