@@ -479,6 +479,17 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[bytes, str]]:
     }
 
 
+def test_a_net_name_that_looks_like_json_is_still_a_caffemodel(tmp_path):
+    """A 123-byte name makes the file start "\\n{": not JSON, whose "{" opens a key."""
+    net = _net_v1(_arrays(0, "F32", False))
+    net.name = "N" * 123
+    path = tmp_path / "long_name.caffemodel"
+    path.write_bytes(net.SerializeToString())
+    assert path.read_bytes()[:2] == b"\n{"
+    with open_checkpoint(path) as checkpoint:
+        assert checkpoint.kind == "caffe" and len(checkpoint.tensors) == 6
+
+
 def test_bad_input_raises_one_line(tmp_path):
     for case, (content, expected) in _bad_inputs(tmp_path).items():
         path = tmp_path / f"{case.replace(' ', '_')}.caffemodel"
