@@ -310,6 +310,49 @@ def test_v1_graph_uses_v2_type_names_and_net_inputs(tmp_path):
     assert caffe.read_prototxt(built.prototxt)["layers"][0]["params"]["kernel"] == [3, 3]
 
 
+DEPLOY_V1 = """\
+name: "VGG_ILSVRC_16_layers"
+input: "data"
+input_dim: 10
+input_dim: 3
+input_dim: 224
+input_dim: 224
+layers {
+  bottom: "data"
+  top: "conv1_1"
+  name: "conv1_1"
+  type: CONVOLUTION
+  blobs_lr: 1
+  convolution_param { num_output: 64 pad: 1 kernel_size: 3 }
+}
+layers { bottom: "conv1_1" top: "norm1" name: "norm1" type: LRN
+  lrn_param { local_size: 5 alpha: 0.0005 beta: 0.75 } }
+layers { bottom: "norm1" top: "pool5" name: "pool5" type: POOLING
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layers { bottom: "pool5" top: "fc6" name: "fc6" type: INNER_PRODUCT
+  inner_product_param { num_output: 4096 } }
+layers { bottom: "fc6" top: "fc6" name: "drop6" type: DROPOUT
+  dropout_param { dropout_ratio: 0.5 } include { phase: TEST } }
+"""
+
+
+def test_a_deploy_prototxt_with_fields_the_schema_leaves_out(tmp_path):
+    path = tmp_path / "VGG_ILSVRC_16_layers_deploy.prototxt"
+    path.write_text(DEPLOY_V1)
+    graph = caffe.read_prototxt(path)
+    assert graph["version"] == "V1" and graph["name"] == "VGG_ILSVRC_16_layers"
+    assert graph["inputs"] == [{"name": "data", "shape": [10, 3, 224, 224]}]
+    layers = {layer["name"]: layer for layer in graph["layers"]}
+    assert [layer["type"] for layer in graph["layers"]] == [
+        "Convolution", "LRN", "Pooling", "InnerProduct", "Dropout",
+    ]  # fmt: skip
+    assert layers["conv1_1"]["params"]["kernel"] == [3, 3]
+    assert layers["conv1_1"]["params"]["pad"] == [1, 1]
+    assert layers["pool5"]["params"]["stride"] == [2, 2]
+    assert layers["fc6"]["params"]["num_output"] == 4096
+    assert layers["norm1"]["params"] == {}
+
+
 def test_other_layers_blob_names(tmp_path):
     net = S.NetParameter()
     blobs = {
