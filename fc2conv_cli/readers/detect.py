@@ -87,7 +87,9 @@ def sniff(path: Path) -> tuple[str, str] | None:
         return "torch", "a pickle (legacy torch.save)"
     if head[257:262] == b"ustar":
         return "torch", "a tar archive (legacy torch.save)"
-    if head.lstrip()[:1] == b"{":
+    # A JSON object opens with a key or closes at once; a protobuf (a caffemodel whose name
+    # is 123 bytes long: "\n{...") may also open with whitespace and "{".
+    if head.lstrip()[:1] == b"{" and head.lstrip()[1:].lstrip()[:1] in (b'"', b"}"):
         return "tfjs", "a JSON document"
     return None
 
