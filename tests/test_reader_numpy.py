@@ -557,3 +557,56 @@ def test_a_member_claiming_more_than_deflate_can_give_is_refused(tmp_path):
         CheckpointError, match=rf"member 'fc6.npy': claims {claim} bytes from \d+ compressed"
     ):
         open_checkpoint(tmp_path / "w.npz")
+
+
+# --- from the command line ----------------------------------------------------------------
+
+CLI_MAP = (
+    "version: 1\nlayout: hwc\nweight_format: in_out\n"
+    "layers:\n  - {name: fc6, kernel: [3, 3], weight: fc6.0, bias: fc6.1}\n"
+)
+
+
+def _bad_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Each bad input of the issue, as a file, with the words its one error line holds."""
+    fc6 = [np.ones((36, 5), np.float32), np.zeros(5, np.float32)]
+    made: dict[str, tuple[Path, str]] = {}
+
+    def add(case: str, name: str, needle: str) -> Path:
+        path = folder / case / name
+        path.parent.mkdir()
+        made[case] = (path, needle)
+        return path
+
+    np.savez(add("truncated-npz", "w.npz", "not a valid .npz archive"), **{"fc6.0": fc6[0]})
+    np.save(add("truncated-npy", "w.npy", "(truncated)"), fc6[0])
+    np.save(add("truncated-pickle", "w.npy", "not a readable pickle"), {"fc6": fc6})
+    for case in ("truncated-npz", "truncated-npy", "truncated-pickle"):
+        truncated(made[case][0], 0.6)
+    add("text-npy", "w.npy", "not a NumPy file").write_text("weights\n")
+    add("text-npz", "w.npz", "not a NumPy file").write_text("weights\n")
+    marker = folder / "marker"
+    np.save(add("evil", "w.npy", "refused: the pickle asks for io.open"), {"fc6": _Open(marker)})
+    np.savez(add("object", "w.npz", "is an object array"), fc6=np.array([{}], dtype=object))
+    np.savez(add("complex", "w.npz", "dtype complex128 cannot be stored"), fc6=np.ones(2, "c16"))
+    np.save(add("strings", "w.npy", "dtype <U3 cannot be stored"), {"fc6": [np.array(["cat"])]})
+    np.save(add("list", "w.npy", "holds a 1-D object array"), np.array(fc6 + [1], dtype=object))
+    return made
+
+
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, run_cli):
+    (tmp_path / "map.yaml").write_text(CLI_MAP)
+    for case, (path, needle) in _bad_files(tmp_path).items():
+        output = path.parent / "out.safetensors"
+        for args in (
+            ("convert", path, "--map", tmp_path / "map.yaml", "-o", output),
+            ("inspect", path),
+        ):
+            outcome = run_cli(*args)
+            assert outcome.code == 2, (case, args[0], outcome.stderr)
+            lines = outcome.stderr.strip().splitlines()
+            assert len(lines) == 1, (case, outcome.stderr)
+            assert str(path) in lines[0] and needle in lines[0], (case, lines[0])
+            assert "Traceback" not in outcome.stdout + outcome.stderr
+        assert sorted(p.name for p in path.parent.iterdir()) == [path.name], case
+    assert not (tmp_path / "marker").exists()
