@@ -590,7 +590,7 @@ def _bad_files(folder: Path) -> dict[str, tuple[Path, str]]:
     np.savez(add("object", "w.npz", "is an object array"), fc6=np.array([{}], dtype=object))
     np.savez(add("complex", "w.npz", "dtype complex128 cannot be stored"), fc6=np.ones(2, "c16"))
     np.save(add("strings", "w.npy", "dtype <U3 cannot be stored"), {"fc6": [np.array(["cat"])]})
-    np.save(add("list", "w.npy", "holds a 1-D object array"), np.array(fc6 + [1], dtype=object))
+    np.save(add("list", "w.npy", "holds a 1-D object array"), np.array([*fc6, 1], dtype=object))
     return made
 
 
@@ -610,3 +610,134 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, run_cli):
             assert "Traceback" not in outcome.stdout + outcome.stderr
         assert sorted(p.name for p in path.parent.iterdir()) == [path.name], case
     assert not (tmp_path / "marker").exists()
+
+
+# --- end to end: a TF-era dump of a small net, converted and proven -----------------------
+
+# image (H, W, 2) -> conv1 3x3 valid, relu -> feature map (H-2, W-2, 4) -> flatten hwc ->
+# fc6 (64 -> 5), relu -> fc7 (5 -> 3). Native image 6x6: the feature map is 4x4x4.
+NATIVE, LARGER = (6, 6), (9, 8)
+
+
+def tf_conv2d(image: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """TF's conv2d, VALID: NHWC input, (kh, kw, in, out) kernel, cross-correlation."""
+    kh, kw = kernel.shape[:2]
+    windows = np.lib.stride_tricks.sliding_window_view(image, (kh, kw), axis=(1, 2))
+    return np.einsum("nhwcij,ijco->nhwo", windows, kernel) + bias
+
+
+def tf_dense(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """TF's dense on an NHWC map: ``tf.reshape(x, [n, -1])`` (hwc order) ``@ kernel + b``."""
+    return x.reshape(len(x), -1) @ kernel + bias
+
+
+def small_net() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    return {
+        "conv1_W": rng.standard_normal((3, 3, 2, 4)).astype(np.float32),
+        "conv1_b": rng.standard_normal(4).astype(np.float32),
+        "fc6_W": (rng.standard_normal((4 * 4 * 4, 5)) / 8).astype(np.float32),
+        "fc6_b": rng.standard_normal(5).astype(np.float32),
+        "fc7_W": rng.standard_normal((5, 3)).astype(np.float32),
+        "fc7_b": rng.standard_normal(3).astype(np.float32),
+    }
+
+
+def save_dump(folder: Path, style: str, net: dict[str, np.ndarray]) -> tuple[Path, dict]:
+    """The net saved as TF-era code did; returns the file and each FC's weight/bias names."""
+    layers = ("conv1", "fc6", "fc7")
+    if style == "npy-list":  # bvlc_alexnet.npy / vgg16.npy: name -> [W, b]
+        path = folder / "net.npy"
+        np.save(path, {n: [net[f"{n}_W"], net[f"{n}_b"]] for n in layers}, allow_pickle=True)
+        return path, {n: (f"{n}.0", f"{n}.1") for n in layers}
+    if style == "npy-dict":  # name -> {"weights": W, "biases": b}
+        path = folder / "net.npy"
+        dump = {n: {"weights": net[f"{n}_W"], "biases": net[f"{n}_b"]} for n in layers}
+        np.save(path, dump, allow_pickle=True)
+        return path, {n: (f"{n}.weights", f"{n}.biases") for n in layers}
+    path = folder / "net.npz"  # vgg16_weights.npz: fc6_W, fc6_b, ...
+    (np.savez_compressed if style == "npz-deflated" else np.savez)(path, **net)
+    return path, {n: (f"{n}_W", f"{n}_b") for n in layers}
+
+
+def layer_map(names: dict) -> str:
+    """No weight_format: the format's stored one (in_out) applies."""
+    (w6, b6), (w7, b7) = names["fc6"], names["fc7"]
+    return (
+        "version: 1\nlayout: hwc\nlayers:\n"
+        f"  - {{name: fc6, kernel: [4, 4], weight: {w6}, bias: {b6}}}\n"
+        f"  - {{name: fc7, weight: {w7}, bias: {b7}}}\n"
+    )
+
+
+@pytest.mark.parametrize("style", ["npy-list", "npy-dict", "npz", "npz-deflated"])
+def test_a_tf_era_dump_converts_to_a_conv_head_that_computes_the_fc(tmp_path, run_cli, style):
+    import json
+
+    torch = pytest.importorskip("torch")
+    from safetensors.numpy import load_file
+
+    net = small_net()
+    source, names = save_dump(tmp_path, style, net)
+    (tmp_path / "map.yaml").write_text(layer_map(names))
+    output, report = tmp_path / "out.safetensors", tmp_path / "report.json"
+    outcome = run_cli(
+        "convert", source, "--map", tmp_path / "map.yaml", "-o", output, "--json", report
+    )
+    assert outcome.code == 0, outcome.stderr
+    layers = {layer["name"]: layer for layer in json.loads(report.read_text())["layers"]}
+    assert {n: layers[n]["weight_format"] for n in layers} == {"fc6": "in_out", "fc7": "in_out"}
+    converted = load_file(str(output))
+    # Source names are kept; the conv weights are copied as stored.
+    assert (layers["fc6"]["output_weight"], layers["fc6"]["output_bias"]) == names["fc6"]
+    conv_w, conv_b = names["conv1"]
+    assert converted[conv_w].tobytes() == net["conv1_W"].tobytes()
+    assert converted[conv_b].tobytes() == net["conv1_b"].tobytes()
+    w6, b6 = (converted[layers["fc6"][k]] for k in ("output_weight", "output_bias"))
+    w7, b7 = (converted[layers["fc7"][k]] for k in ("output_weight", "output_bias"))
+    assert w6.shape == (5, 4, 4, 4) and w7.shape == (3, 5, 1, 1)  # oihw
+
+    def head(feature_map: np.ndarray) -> np.ndarray:
+        """The converted head on an NHWC map, with torch's conv2d: (n, 3, h', w')."""
+        x = torch.from_numpy(np.ascontiguousarray(feature_map.transpose(0, 3, 1, 2)))
+        x = torch.relu(torch.nn.functional.conv2d(x, torch.from_numpy(w6), torch.from_numpy(b6)))
+        return torch.nn.functional.conv2d(x, torch.from_numpy(w7), torch.from_numpy(b7)).numpy()
+
+    def fc(feature_map: np.ndarray) -> np.ndarray:
+        x = np.maximum(tf_dense(feature_map, net["fc6_W"], net["fc6_b"]), 0)
+        return tf_dense(x, net["fc7_W"], net["fc7_b"])
+
+    rng = np.random.default_rng(8)
+    images = {
+        size: rng.standard_normal((2, *size, 2)).astype(np.float32) for size in (NATIVE, LARGER)
+    }
+    maps = {
+        s: np.maximum(tf_conv2d(i, net["conv1_W"], net["conv1_b"]), 0) for s, i in images.items()
+    }
+    native = maps[NATIVE]
+    assert native.shape == (2, 4, 4, 4)
+    np.testing.assert_allclose(head(native)[:, :, 0, 0], fc(native), rtol=1e-5, atol=1e-5)
+    chw = native.transpose(0, 3, 1, 2)  # the same FC on the map flattened c, h, w instead
+    assert np.abs(head(native)[:, :, 0, 0] - fc(chw)).max() > 0.1  # so the layout matters
+    larger = maps[LARGER]
+    dense = head(larger)
+    assert dense.shape == (2, 3, 4, 3)
+    for i in range(dense.shape[2]):
+        for j in range(dense.shape[3]):
+            window = larger[:, i : i + 4, j : j + 4, :]
+            np.testing.assert_allclose(dense[:, :, i, j], fc(window), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("style", ["npy-list", "npz"])
+def test_inspect_and_verify_run_on_numpy_files(tmp_path, run_cli, style):
+    source, names = save_dump(tmp_path, style, small_net())
+    (tmp_path / "map.yaml").write_text(layer_map(names))
+    output = tmp_path / "out.safetensors"
+    assert run_cli("convert", source, "--map", tmp_path / "map.yaml", "-o", output).code == 0
+    inspected = run_cli("inspect", source)
+    assert inspected.code == 0, inspected.stderr
+    for name in (*names["fc6"], *names["conv1"]):
+        assert name.rsplit(".", 1)[-1] in inspected.stdout
+    verified = run_cli("verify", source, output, "--map", tmp_path / "map.yaml")
+    assert verified.code == 0, verified.stderr
+    assert "fc6" in verified.stdout and "ok" in verified.stdout

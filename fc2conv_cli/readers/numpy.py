@@ -52,6 +52,7 @@ _LISTED = 10  # names a note lists before "and N more"
 # Deflate expands at most about 1032-fold: a member claiming more is corrupt or hostile, and
 # its buffer is allocated before decompressing.
 _MAX_DEFLATE_RATIO = 1100
+_INFLATE_CHUNK = 16 << 20
 # What zipfile and zlib raise on a damaged member (NotImplementedError: unknown compression).
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError)
 
@@ -265,8 +266,10 @@ def _inflating_loader(
         try:
             with archive.open(info) as member:
                 member.read(header.length)
-                while got < header.nbytes and (count := member.readinto(view[got:])):
-                    got += count
+                # Bounded reads: zipfile builds each read's result as a new bytes object.
+                while chunk := member.read(min(_INFLATE_CHUNK, header.nbytes - got)):
+                    view[got : got + len(chunk)] = chunk
+                    got += len(chunk)
                 trailing = member.read(1)
         except _ZIP_ERRORS as exc:
             raise CheckpointError(
