@@ -29,7 +29,7 @@ import struct
 import zipfile
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -533,10 +533,13 @@ def _loaded(
     notes: tuple[str, ...],
     close: Callable[[], None],
 ) -> Loaded:
+    """The ``Loaded``, every tensor hinted ``in_out``: any FC weight in a NumPy dump is
+    stored as TF kept it, so the hint holds per tensor as well as for the file."""
     if not tensors:
         close()
         raise CheckpointError(f"{path}: no arrays found in the NumPy file")
-    return Loaded("numpy", tensors, buffers, notes, close, WeightFormat.IN_OUT)
+    hinted = {n: replace(info, weight_format=WeightFormat.IN_OUT) for n, info in tensors.items()}
+    return Loaded("numpy", hinted, buffers, notes, close, WeightFormat.IN_OUT)
 
 
 def _map_file(path: Path) -> mmap.mmap:
