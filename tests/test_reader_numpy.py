@@ -440,9 +440,10 @@ def test_a_plain_npy_with_trailing_bytes_is_refused(tmp_path):
         open_checkpoint(tmp_path / "a.npy")
 
 
+@pytest.mark.parametrize("content", ["these are not weights\n", ""])
 @pytest.mark.parametrize("name", ["w.npy", "w.npz"])
-def test_a_file_that_is_not_numpy_is_refused(tmp_path, name):
-    (tmp_path / name).write_text("these are not weights\n")
+def test_a_file_that_is_not_numpy_is_refused(tmp_path, name, content):
+    (tmp_path / name).write_text(content)
     with pytest.raises(CheckpointError, match=rf"{name}: not a NumPy file"):
         open_checkpoint(tmp_path / name)
 

@@ -15,7 +15,8 @@
 
 Arrays come out row-major and little-endian: Fortran-ordered or big-endian arrays are
 copied, with a note. FC weights are stored ``(in, out)``, as TF keeps them, so
-``Loaded.weight_format`` is ``in_out``. ``Loaded.graph`` is None: NumPy files hold no graph.
+``Loaded.weight_format`` and every tensor's hint are ``in_out``. ``Loaded.graph`` is None:
+NumPy files hold no graph.
 """
 
 from __future__ import annotations
