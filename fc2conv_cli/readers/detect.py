@@ -24,6 +24,8 @@ SUFFIXES = (
 )  # fmt: skip
 _HDF5 = b"\x89HDF\r\n\x1a\n"
 _SNIFF_BYTES = 512
+# torch.save's legacy format pickles this number (0x1950a86a20f9469cfc6c) first.
+_TORCH_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
 def detect_format(path: Path, asked: str | None = None) -> str:
@@ -84,6 +86,9 @@ def sniff(path: Path) -> tuple[str, str] | None:
     if head.startswith(b"PK\x03\x04"):
         return _sniff_zip(path)
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        # np.load reads a bare pickle too; legacy torch.save opens with its magic number.
+        if suffix_format(path) == "numpy" and _TORCH_MAGIC not in head[:32]:
+            return "numpy", "a pickle"
         return "torch", "a pickle (legacy torch.save)"
     if head[257:262] == b"ustar":
         return "torch", "a tar archive (legacy torch.save)"
