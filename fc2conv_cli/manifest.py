@@ -2,13 +2,14 @@
 
 Outputs mirror the inputs' paths relative to the manifest's folder (or, for inputs given
 on the command line, to their common folder) under the output folder, with the suffix
-``.safetensors``.
+``.safetensors``. A glob never matches the batch's own output folder (when it lies inside
+the manifest's folder) nor fc2conv's temp files.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import yaml
 
 from fc2conv_cli.errors import ManifestError
 from fc2conv_cli.layer_map import yaml_problem
+from fc2conv_cli.write import is_temp_file
 
 __all__ = ["BatchItem", "items_from_inputs", "read_manifest", "select_shard"]
 
@@ -69,7 +71,7 @@ def read_manifest(path: Path, output_dir: Path | None = None) -> tuple[BatchItem
         jobs = []
     pairs: list[tuple[Path, Path]] = []
     for index, job in enumerate(jobs):
-        pairs += _expand_job(path, folder, index, job, problems)
+        pairs += _expand_job(path, folder, index, job, problems, target)
     if problems or target is None:
         raise ManifestError(problems)
     return _items(pairs, folder, target, str(path))
@@ -95,7 +97,7 @@ def select_shard(items: Sequence[BatchItem], index: int, count: int) -> tuple[Ba
 
 
 def _expand_job(
-    path: Path, folder: Path, index: int, job: Any, problems: list[str]
+    path: Path, folder: Path, index: int, job: Any, problems: list[str], output_dir: Path | None
 ) -> list[tuple[Path, Path]]:
     where = f"{path}: jobs[{index}]"
     if not isinstance(job, Mapping):
@@ -117,12 +119,30 @@ def _expand_job(
     if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
         problems.append(f"{where}: inputs: {pattern!r} must stay inside the manifest's folder")
         return []
+    skip = _own_files(folder, output_dir)
     found = sorted(
-        p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in _CHECKPOINT_SUFFIXES
+        p
+        for p in folder.glob(pattern)
+        if p.is_file() and p.suffix.lower() in _CHECKPOINT_SUFFIXES and not skip(p)
     )
     if not found:
         problems.append(f"{where}: inputs: {pattern!r} matches no checkpoint under {folder}")
     return [(p, map_path) for p in found]
+
+
+def _own_files(folder: Path, output_dir: Path | None) -> Callable[[Path], bool]:
+    """A test for the batch's own files: temp files, and anything under the output folder
+    when that folder lies inside the inputs' (not when it holds them, e.g. ``.``)."""
+    out = output_dir.resolve() if output_dir is not None else None
+    if out is not None and folder.resolve().is_relative_to(out):
+        out = None
+
+    def own(candidate: Path) -> bool:
+        return is_temp_file(candidate) or (
+            out is not None and candidate.resolve().is_relative_to(out)
+        )
+
+    return own
 
 
 def _items(
