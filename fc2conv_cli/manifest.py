@@ -9,6 +9,7 @@ the manifest's folder) nor fc2conv's temp files.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,16 @@ import yaml
 
 from fc2conv_cli.errors import ManifestError
 from fc2conv_cli.layer_map import yaml_problem
-from fc2conv_cli.write import is_temp_file
 
 __all__ = ["BatchItem", "items_from_inputs", "read_manifest", "select_shard"]
 
 _TOP_KEYS = ("version", "output_dir", "jobs")
 _JOB_KEYS = ("inputs", "map")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+# The names of fc2conv's temp files, as write._temp_path makes them (.NAME.TOKEN.tmp);
+# the manifest comes before write in the pipeline, and tests/test_manifest.py keeps the two
+# in step.
+TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
 
 
 @dataclass(frozen=True, order=True)
@@ -138,7 +142,7 @@ def _own_files(folder: Path, output_dir: Path | None) -> Callable[[Path], bool]:
         out = None
 
     def own(candidate: Path) -> bool:
-        return is_temp_file(candidate) or (
+        return TEMP_NAME.fullmatch(candidate.name) is not None or (
             out is not None and candidate.resolve().is_relative_to(out)
         )
 

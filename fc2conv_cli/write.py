@@ -59,7 +59,7 @@ _NO_DIR_SYNC = frozenset(
     for name in ("EINVAL", "ENOTSUP", "EOPNOTSUPP", "EBADF", "EACCES", "EPERM", "EISDIR")
     if hasattr(errno, name)
 )
-_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # manifest.TEMP_NAME is the same
 
 
 @dataclass

@@ -145,6 +145,17 @@ def test_a_glob_never_matches_the_output_folder_nor_temp_files(zoo, override):
     assert all("converted" not in item.input.parts for item in items)
 
 
+def test_the_manifest_knows_the_writers_temp_names(tmp_path):
+    from fc2conv_cli.manifest import TEMP_NAME
+    from fc2conv_cli.write import _temp_path, is_temp_file
+
+    for name in ("model.safetensors", "a.b.pth", ".hidden.safetensors", "x"):
+        temp = _temp_path(tmp_path / name)
+        assert TEMP_NAME.fullmatch(temp.name) and is_temp_file(temp)
+    for name in ("model.safetensors", ".model.safetensors", "model.0123abcd.tmp"):
+        assert not TEMP_NAME.fullmatch(name) and not is_temp_file(tmp_path / name)
+
+
 def test_the_output_folder_is_skipped_by_any_spelling(zoo, monkeypatch):
     touch(zoo, "out/vgg/a.safetensors")
     monkeypatch.chdir(zoo / "vgg")
