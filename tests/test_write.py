@@ -444,10 +444,13 @@ def test_checks_pass_but_safetensors_refuses_exit_3(tmp_path, run_cli, monkeypat
         raise safetensors.SafetensorError("Error while deserializing header: simulated refusal")
 
     monkeypatch.setattr(safetensors, "safe_open", refusing)
+    report = tmp_path / "report.json"
     extra = ["--force"] if force else []
-    outcome = run_cli("convert", source, "--map", layer_map, "-o", output, *extra)
+    outcome = run_cli("convert", source, "--map", layer_map, "-o", output, "--json", report, *extra)
     assert outcome.code == 3, outcome.stderr
-    assert "simulated refusal" in outcome.stderr
+    assert "simulated refusal" in outcome.stderr and "Traceback" not in outcome.stderr
+    error = json.loads(report.read_text())["error"]
+    assert error["code"] == "internal_error" and error["exit_code"] == 3
     assert len(opened) == 1 and Path(opened[0]).name.endswith(".tmp")  # the staged file
     _assert_not_published(output, before)
 
