@@ -379,7 +379,7 @@ def worker_main(fd: int) -> None:
         while (message := conn.recv()) is not None:
             index, item = message
             conn.send((index, process_item(item, options)))
-    except (KeyboardInterrupt, EOFError, BrokenPipeError):
+    except (KeyboardInterrupt, EOFError, OSError):  # stopped, or the parent went away
         pass
 
 

@@ -866,3 +866,26 @@ def test_a_crashed_worker_fails_its_file_not_the_batch(run_cli, big_zoo, tmp_pat
     found = {Path(k).stem: v for k, v in statuses(report).items()}
     assert found == {**dict.fromkeys(files, "up to date"), victim: "converted"}
     assert_valid_output(crashed_output)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_end_when_the_batch_is_killed(big_zoo, tmp_path):
+    # SIGKILL leaves the parent no time to stop anyone: each worker ends by itself once
+    # its pipe to the parent is gone, finishing (or failing) at most its current file.
+    out = tmp_path / "out"
+    process = start_big_batch(big_zoo, out, tmp_path / "report.json")
+    try:
+        wait_for(lambda: temp_files(out) or big_outputs(out), 60, "a conversion in flight")
+        workers = descendants(process.pid)
+        assert workers, "no worker to watch"
+        process.kill()
+        process.wait(timeout=10)
+        wait_for(lambda: not any(alive(pid) for pid in workers), 60, "the workers to exit")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert temp_files(out) == []  # each finished its file: published whole, or nothing
+    for path in big_outputs(out):
+        assert_valid_output(path)
