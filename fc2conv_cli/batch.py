@@ -337,7 +337,7 @@ class _Worker:
             return self.conn.recv()
         except (EOFError, OSError):
             code = self.process.wait()
-            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+            how = f"signal {_signal_name(-code)}" if code < 0 else f"exit {code}"
             remove_temp_files(self.item.output)
             return self.index, FileOutcome(
                 self.item, Status.ERROR, error=f"worker crashed ({how}); nothing was written"
@@ -348,10 +348,17 @@ class _Worker:
             self.conn.send(None)
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # e.g. a real-time signal
+        return str(number)
+
+
 def _import_path() -> list[str]:
     """The worker's ``sys.path``: first the folder holding the fc2conv_cli this process
     runs, then this process's own path, less ``''`` (the current folder)."""
-    package_root = str(Path(fc2conv_cli.__file__).resolve().parent.parent)
+    package_root = str(Path(fc2conv_cli.__file__).absolute().parent.parent)  # links kept
     return [package_root, *(p for p in sys.path if p and p != package_root)]
 
 
