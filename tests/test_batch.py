@@ -889,3 +889,15 @@ def test_workers_end_when_the_batch_is_killed(big_zoo, tmp_path):
     assert temp_files(out) == []  # each finished its file: published whole, or nothing
     for path in big_outputs(out):
         assert_valid_output(path)
+
+
+def test_the_workers_import_path_starts_with_this_package(monkeypatch):
+    import fc2conv_cli
+    from fc2conv_cli.batch import _import_path
+
+    monkeypatch.setattr(sys, "path", ["", "/elsewhere", *sys.path])
+    path = _import_path()
+    assert path[0] == str(Path(fc2conv_cli.__file__).parent.parent)
+    assert (Path(path[0]) / "fc2conv_cli" / "batch.py").is_file()
+    assert "" not in path and "/elsewhere" in path
+    assert path.count(path[0]) == 1
