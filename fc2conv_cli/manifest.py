@@ -2,13 +2,15 @@
 
 Outputs mirror the inputs' paths relative to the manifest's folder (or, for inputs given
 on the command line, to their common folder) under the output folder, with the suffix
-``.safetensors``.
+``.safetensors``. A glob never matches the batch's own output folder (when it lies inside
+the manifest's folder) nor fc2conv's temp files.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,10 @@ __all__ = ["BatchItem", "items_from_inputs", "read_manifest", "select_shard"]
 _TOP_KEYS = ("version", "output_dir", "jobs")
 _JOB_KEYS = ("inputs", "map")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+# The names of fc2conv's temp files, as write._temp_path makes them (.NAME.TOKEN.tmp);
+# the manifest comes before write in the pipeline, and tests/test_manifest.py keeps the two
+# in step.
+TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
 
 
 @dataclass(frozen=True, order=True)
@@ -69,7 +75,7 @@ def read_manifest(path: Path, output_dir: Path | None = None) -> tuple[BatchItem
         jobs = []
     pairs: list[tuple[Path, Path]] = []
     for index, job in enumerate(jobs):
-        pairs += _expand_job(path, folder, index, job, problems)
+        pairs += _expand_job(path, folder, index, job, problems, target)
     if problems or target is None:
         raise ManifestError(problems)
     return _items(pairs, folder, target, str(path))
@@ -95,7 +101,7 @@ def select_shard(items: Sequence[BatchItem], index: int, count: int) -> tuple[Ba
 
 
 def _expand_job(
-    path: Path, folder: Path, index: int, job: Any, problems: list[str]
+    path: Path, folder: Path, index: int, job: Any, problems: list[str], output_dir: Path | None
 ) -> list[tuple[Path, Path]]:
     where = f"{path}: jobs[{index}]"
     if not isinstance(job, Mapping):
@@ -117,12 +123,30 @@ def _expand_job(
     if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
         problems.append(f"{where}: inputs: {pattern!r} must stay inside the manifest's folder")
         return []
+    skip = _own_files(folder, output_dir)
     found = sorted(
-        p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in _CHECKPOINT_SUFFIXES
+        p
+        for p in folder.glob(pattern)
+        if p.is_file() and p.suffix.lower() in _CHECKPOINT_SUFFIXES and not skip(p)
     )
     if not found:
         problems.append(f"{where}: inputs: {pattern!r} matches no checkpoint under {folder}")
     return [(p, map_path) for p in found]
+
+
+def _own_files(folder: Path, output_dir: Path | None) -> Callable[[Path], bool]:
+    """A test for the batch's own files: temp files, and anything under the output folder
+    when that folder lies inside the inputs' (not when it holds them, e.g. ``.``)."""
+    out = output_dir.resolve() if output_dir is not None else None
+    if out is not None and folder.resolve().is_relative_to(out):
+        out = None
+
+    def own(candidate: Path) -> bool:
+        return TEMP_NAME.fullmatch(candidate.name) is not None or (
+            out is not None and candidate.resolve().is_relative_to(out)
+        )
+
+    return own
 
 
 def _items(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
+
+from fc2conv_cli.batch import BatchOptions, process_item
+from fc2conv_cli.manifest import read_manifest
+from fc2conv_cli.write import CONVERSION_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -306,15 +312,137 @@ def test_a_changed_source_or_map_is_converted_again(run_cli, zoo, tmp_path):
     assert found == dict.fromkeys(GOOD, "converted")
 
 
-def test_a_damaged_output_is_converted_again(run_cli, zoo):
+def test_a_damaged_output_of_fc2conv_is_converted_again(run_cli, zoo):
+    # Its header (and so its metadata) intact, its data cut short: fc2conv's own file.
     zoo.write_manifest(bad=False)
     assert batch(run_cli, zoo)[0].code == 0
     damaged = zoo.output("good/a.safetensors")
-    damaged.write_bytes(damaged.read_bytes()[:40])
+    damaged.write_bytes(damaged.read_bytes()[:-4])
     outcome, found = batch(run_cli, zoo)
     assert outcome.code == 0, outcome.stderr
-    assert found["good/a.safetensors"] == "converted"
+    assert found == {**dict.fromkeys(GOOD, "up to date"), "good/a.safetensors": "converted"}
     assert load_file(str(damaged))["fc.weight"].shape == (5, 4, 2, 3)
+
+
+def _foreign(path: Path, kind: str) -> None:
+    """An output fc2conv did not write."""
+    if kind == "plain safetensors":
+        save_file(tensors(7), str(path))
+    elif kind == "other metadata":
+        save_file(tensors(7), str(path), metadata={"format": "pt", "source_sha256": "0" * 64})
+    elif kind == "header cut short":  # whose file it was, nobody can tell
+        path.write_bytes(path.read_bytes()[:40])
+    else:
+        path.write_text("my notes, not a checkpoint\n")
+
+
+@pytest.mark.parametrize(
+    "kind", ["plain safetensors", "other metadata", "header cut short", "not safetensors"]
+)
+def test_an_output_fc2conv_did_not_write_is_never_replaced_without_force(run_cli, zoo, kind):
+    zoo.write_manifest(bad=False)
+    assert batch(run_cli, zoo)[0].code == 0
+    theirs = zoo.output("good/a.safetensors")
+    _foreign(theirs, kind)
+    before = theirs.read_bytes()
+    for extra in ((), ("--dry-run",)):
+        outcome, found = batch(run_cli, zoo, *extra)
+        assert outcome.code == 1, outcome.stderr
+        assert found == {**dict.fromkeys(GOOD, "up to date"), "good/a.safetensors": "error"}
+        [line] = [line for line in outcome.stderr.splitlines() if " error: " in line]
+        assert f"{theirs}: exists and fc2conv did not write it" in line
+        assert line.endswith("pass --force to replace it")
+        assert theirs.read_bytes() == before
+    outcome, found = batch(run_cli, zoo, "--force")
+    assert outcome.code == 0, outcome.stderr
+    assert found == dict.fromkeys(GOOD, "converted")
+    assert load_file(str(theirs))["fc.weight"].shape == (5, 4, 2, 3)
+    assert temp_files(zoo.root) == []
+
+
+def _rewrite_metadata(path: Path, **changes: str | None) -> None:
+    """Save ``path`` again (through safetensors) with its metadata changed."""
+    with safe_open(str(path), framework="numpy") as file:
+        metadata = dict(file.metadata())
+    for key, value in changes.items():
+        if value is None:
+            metadata.pop(key)
+        else:
+            metadata[key] = value
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    ("changes", "status"),
+    [
+        ({"fc2conv_version": "0.0.1"}, "up to date"),  # another version, the same conversion
+        ({"conversion_version": "0"}, "converted"),  # a version whose conversion differed
+        ({"conversion_version": str(CONVERSION_VERSION + 1)}, "converted"),
+        ({"conversion_version": None}, "converted"),  # written before conversion versions
+    ],
+    ids=["fc2conv_version", "older conversion", "newer conversion", "no conversion_version"],
+)
+def test_outputs_of_another_conversion_version_are_converted_again(run_cli, zoo, changes, status):
+    zoo.write_manifest(bad=False)
+    assert batch(run_cli, zoo)[0].code == 0
+    relative = "good/nested/b.safetensors"
+    expected = zoo.output(relative).read_bytes()
+    _rewrite_metadata(zoo.output(relative), **changes)
+    rewritten = zoo.output(relative).read_bytes()
+    outcome, found = batch(run_cli, zoo)
+    assert outcome.code == 0, outcome.stderr
+    assert found == {**dict.fromkeys(GOOD, "up to date"), relative: status}
+    if status == "converted":
+        assert zoo.output(relative).read_bytes() == expected
+    else:
+        assert zoo.output(relative).read_bytes() == rewritten  # left alone
+
+
+def test_an_output_that_appears_during_the_batch_is_kept(run_cli, zoo, monkeypatch):
+    # Checked missing, then someone else's file arrives before the publish: never clobbered.
+    from fc2conv_cli import batch as batch_module
+    from fc2conv_cli import pipeline
+
+    zoo.write_manifest(bad=False)
+    theirs = zoo.output("good/a.safetensors")
+    original = pipeline.convert
+
+    def convert_meanwhile(options):
+        if options.output == theirs:
+            theirs.parent.mkdir(parents=True, exist_ok=True)
+            theirs.write_bytes(b"arrived meanwhile")
+        return original(options)
+
+    monkeypatch.setattr(batch_module, "convert", convert_meanwhile)
+    # In-process, so the patch applies: one item at a time through process_item.
+    items = read_manifest(zoo.manifest)
+    outcomes = {o.item.relative: o for o in map(lambda i: process_item(i, BatchOptions()), items)}
+    assert outcomes["good/a.safetensors"].status.value == "error"
+    assert "already exists" in outcomes["good/a.safetensors"].error
+    assert theirs.read_bytes() == b"arrived meanwhile"
+    assert all(
+        o.status.value == "converted" for r, o in outcomes.items() if r != "good/a.safetensors"
+    )
+    assert temp_files(zoo.root) == []
+
+
+def test_a_glob_over_the_whole_tree_never_takes_the_batchs_own_outputs(run_cli, zoo):
+    # output_dir (converted/) lies inside the tree the glob walks.
+    zoo.manifest.write_text(
+        "version: 1\noutput_dir: converted/\njobs:\n"
+        "  - {inputs: '**/*.safetensors', map: maps/map.yaml}\n"
+        "  - {inputs: '**/*.pth', map: maps/map.yaml}\n"
+    )
+    for relative in (TRUNCATED, MISFIT):
+        zoo.input(relative).unlink()
+    outcome, found = batch(run_cli, zoo)
+    assert outcome.code == 0, outcome.stderr
+    assert found == dict.fromkeys(GOOD, "converted")
+    (zoo.out / "good" / ".a.safetensors.0123abcd.tmp").write_bytes(b"a killed writer's")
+    outcome, found = batch(run_cli, zoo)
+    assert outcome.code == 0, outcome.stderr
+    assert found == dict.fromkeys(GOOD, "up to date")  # converted/** is not an input
+    assert not (zoo.out / "converted").exists()
 
 
 # ------------------------------------------------------------------------------- options
@@ -441,6 +569,7 @@ def fc2conv(*args: object) -> list[str]:
     return [sys.executable, "-m", "fc2conv_cli", *map(str, args)]
 
 
+@pytest.mark.slow
 def test_subprocess_batch_exit_code_and_outputs(zoo):
     done = subprocess.run(
         fc2conv("batch", zoo.manifest, "--jobs", 2),
@@ -460,6 +589,51 @@ def test_subprocess_batch_exit_code_and_outputs(zoo):
     )
     assert done.returncode == 0, done.stderr
     assert "3 files: 3 up to date" in done.stdout
+
+
+@pytest.mark.slow
+def test_workers_never_import_code_from_the_current_folder(zoo, tmp_path):
+    # The user runs the installed `fc2conv` in a folder that holds packages named like
+    # fc2conv's and its dependencies'. A worker that imported any of them would leave a mark.
+    here = tmp_path / "here"
+    marks = tmp_path / "marks.txt"
+    for name in ("fc2conv_cli", "numpy", "yaml", "safetensors"):
+        (here / name).mkdir(parents=True)
+        (here / name / "__init__.py").write_text(
+            f"open({str(marks)!r}, 'a').write({name!r} + '\\n')\nraise SystemExit(99)\n"
+        )
+    # A copy of the package under test, in a folder of its own: the workers must import
+    # this very copy, as the parent does (not, say, another fc2conv_cli installed).
+    copy = tmp_path / "copy"
+    shutil.copytree(
+        ROOT / "fc2conv_cli", copy / "fc2conv_cli", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    with open(copy / "fc2conv_cli" / "__init__.py", "a") as init:
+        init.write(
+            "\nimport os as _os, sys as _sys\n"
+            f"with open({str(tmp_path / 'copies.txt')!r}, 'a') as _f:\n"
+            "    _f.write(f'{_os.getpid()} {_sys.flags.isolated}\\n')\n"
+        )
+    # What pip's console script runs: its own folder first on sys.path, not the current one.
+    script = tmp_path / "bin" / "fc2conv"
+    script.parent.mkdir()
+    script.write_text("import sys\nfrom fc2conv_cli.cli import main\nsys.exit(main())\n")
+    zoo.write_manifest(bad=False)
+    done = subprocess.run(
+        [sys.executable, str(script), "batch", str(zoo.manifest), "--jobs", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=here,
+        env={**os.environ, "PYTHONPATH": str(copy)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "3 files: 3 converted" in done.stdout
+    assert not marks.exists(), marks.read_text()
+    imports = [line.split() for line in (tmp_path / "copies.txt").read_text().splitlines()]
+    assert [isolated for _, isolated in imports].count("0") == 1  # the parent
+    assert [isolated for _, isolated in imports].count("1") == 2  # both workers, isolated
+    assert len({pid for pid, _ in imports}) == 3
 
 
 BIG_FILES = 8
@@ -575,6 +749,7 @@ def assert_valid_output(path: Path) -> None:
     assert loaded["fc.bias"][0] == index and loaded["fc.weight"][0, 0, 0, 0] == index
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize(
     ("signum", "group"),
@@ -624,6 +799,7 @@ def test_an_interrupted_batch_leaves_no_temp_file_and_a_rerun_finishes(
     assert temp_files(out) == []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_crashed_worker_fails_its_file_not_the_batch(run_cli, big_zoo, tmp_path):
     out = tmp_path / "out"
@@ -645,7 +821,7 @@ def test_a_crashed_worker_fails_its_file_not_the_batch(run_cli, big_zoo, tmp_pat
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"multiprocessing" not in cmdline and b"forkserver" not in cmdline:
+            if b"fc2conv_cli.batch import worker_main" not in cmdline:
                 continue
             if staging(pid) is None:
                 continue
@@ -690,3 +866,38 @@ def test_a_crashed_worker_fails_its_file_not_the_batch(run_cli, big_zoo, tmp_pat
     found = {Path(k).stem: v for k, v in statuses(report).items()}
     assert found == {**dict.fromkeys(files, "up to date"), victim: "converted"}
     assert_valid_output(crashed_output)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_end_when_the_batch_is_killed(big_zoo, tmp_path):
+    # SIGKILL leaves the parent no time to stop anyone: each worker ends by itself once
+    # its pipe to the parent is gone, finishing (or failing) at most its current file.
+    out = tmp_path / "out"
+    process = start_big_batch(big_zoo, out, tmp_path / "report.json")
+    try:
+        wait_for(lambda: temp_files(out) or big_outputs(out), 60, "a conversion in flight")
+        workers = descendants(process.pid)
+        assert workers, "no worker to watch"
+        process.kill()
+        process.wait(timeout=10)
+        wait_for(lambda: not any(alive(pid) for pid in workers), 60, "the workers to exit")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert temp_files(out) == []  # each finished its file: published whole, or nothing
+    for path in big_outputs(out):
+        assert_valid_output(path)
+
+
+def test_the_workers_import_path_starts_with_this_package(monkeypatch):
+    import fc2conv_cli
+    from fc2conv_cli.batch import _import_path
+
+    monkeypatch.setattr(sys, "path", ["", "/elsewhere", *sys.path])
+    path = _import_path()
+    assert path[0] == str(Path(fc2conv_cli.__file__).parent.parent)
+    assert (Path(path[0]) / "fc2conv_cli" / "batch.py").is_file()
+    assert "" not in path and "/elsewhere" in path
+    assert path.count(path[0]) == 1

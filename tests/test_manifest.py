@@ -122,6 +122,65 @@ def test_output_option_stands_in_for_a_missing_output_dir(zoo, tmp_path):
     assert item.output == tmp_path / "out" / "vgg" / "a.safetensors"
 
 
+@pytest.mark.parametrize("override", [False, True], ids=["output_dir", "-o"])
+def test_a_glob_never_matches_the_output_folder_nor_temp_files(zoo, override):
+    # A previous run's outputs (and a killed writer's temp file) inside the input tree.
+    touch(
+        zoo,
+        "converted/alex/x.safetensors",
+        "converted/vgg/deep/c.safetensors",
+        "converted/vgg/.a.safetensors.0123abcd.tmp",
+        "alex/.x.safetensors.89abcdef.tmp",
+    )
+    text = "version: 1\noutput_dir: converted\njobs:\n  - {inputs: '**/*', map: ../maps/vgg.yaml}\n"
+    path = manifest(zoo, text)
+    items = read_manifest(path, zoo / "converted" if override else None)
+    assert [item.relative for item in items] == [
+        "alex/sub/y.safetensors",
+        "alex/x.safetensors",
+        "vgg/a.safetensors",
+        "vgg/deep/c.safetensors",
+        "vgg/deep/er/b.safetensors",
+    ]
+    assert all("converted" not in item.input.parts for item in items)
+
+
+def test_the_manifest_knows_the_writers_temp_names(tmp_path):
+    from fc2conv_cli.manifest import TEMP_NAME
+    from fc2conv_cli.write import _temp_path, is_temp_file
+
+    for name in ("model.safetensors", "a.b.pth", ".hidden.safetensors", "x"):
+        temp = _temp_path(tmp_path / name)
+        assert TEMP_NAME.fullmatch(temp.name) and is_temp_file(temp)
+    for name in ("model.safetensors", ".model.safetensors", "model.0123abcd.tmp"):
+        assert not TEMP_NAME.fullmatch(name) and not is_temp_file(tmp_path / name)
+
+
+def test_the_output_folder_is_skipped_by_any_spelling(zoo, monkeypatch):
+    touch(zoo, "out/vgg/a.safetensors")
+    monkeypatch.chdir(zoo / "vgg")
+    text = (
+        "version: 1\noutput_dir: ./vgg/../out/\n"
+        "jobs:\n  - {inputs: '**/*.safetensors', map: ../maps/vgg.yaml}\n"
+    )
+    items = read_manifest(manifest(zoo, text))
+    assert [item.relative for item in items] == ["alex/sub/y.safetensors", "alex/x.safetensors"]
+    # -o relative to the working folder, the same folder.
+    items = read_manifest(manifest(zoo, text), Path("../out"))
+    assert [item.relative for item in items] == ["alex/sub/y.safetensors", "alex/x.safetensors"]
+
+
+def test_an_output_folder_that_holds_the_inputs_skips_nothing(zoo):
+    # output_dir "." writes each .safetensors beside its .pth: the inputs are not skipped.
+    text = "version: 1\noutput_dir: .\njobs:\n  - {inputs: 'vgg/**/*.pth', map: ../maps/vgg.yaml}\n"
+    items = read_manifest(manifest(zoo, text))
+    assert [item.output for item in items] == [
+        zoo / "vgg/a.safetensors",
+        zoo / "vgg/deep/c.safetensors",
+        zoo / "vgg/deep/er/b.safetensors",
+    ]
+
+
 # --------------------------------------------------------------------------- bad manifests
 
 
