@@ -101,7 +101,10 @@ def check_layer(
     fc_weight = source.array(layer.weight.source)
     if conversion.weight_format is WeightFormat.IN_OUT:
         fc_weight = fc_weight.T
-    conv_weight = written.array(layer.weight.name)
+    # Back to (out, in, *kernel), whatever conv_format the file stores.
+    conv_weight = written.array(layer.weight.name).transpose(
+        conversion.conv_format.to_oihw(len(kernel))
+    )
     fc_bias = _bias(source, layer.bias.source if layer.bias else None, layer.out_features)
     conv_bias = _bias(written, layer.bias.name if layer.bias else None, layer.out_features)
 

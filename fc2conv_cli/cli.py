@@ -49,6 +49,13 @@ _atol_option = click.option(
     show_default=True,
     help="Largest |fc - conv| (float64) a check accepts.",
 )
+_FORMATS = ("safetensors", "torch", "keras", "onnx", "caffe", "tfjs", "numpy")
+_format_option = click.option(
+    "--format",
+    "input_format",
+    type=click.Choice(_FORMATS),
+    help="Read the input as this format; by default it is found from the content, then the suffix.",
+)
 _seed_option = click.option(
     "--seed", type=int, default=0, show_default=True, help="Seed of the checks' random inputs."
 )
@@ -107,6 +114,7 @@ def cli() -> None:
 )
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @_seed_option
+@_format_option
 def convert(
     input_path: Path,
     map_path: Path,
@@ -117,10 +125,13 @@ def convert(
     dry_run: bool,
     force: bool,
     seed: int,
+    input_format: str | None,
 ) -> int:
     from fc2conv_cli.pipeline import ConvertOptions, convert
 
-    options = ConvertOptions(input_path, map_path, output, atol, not no_check, dry_run, force, seed)
+    options = ConvertOptions(
+        input_path, map_path, output, atol, not no_check, dry_run, force, seed, input_format
+    )
     return _report_conversion(convert, options, json_path)
 
 
@@ -180,12 +191,14 @@ Example:
 )
 @click.option("--force", is_flag=True, help="Replace the -o file if it exists.")
 @_json_option
+@_format_option
 def inspect(
     input_path: Path,
     suggest_map: bool,
     map_output: Path | None,
     force: bool,
     json_path: str | None,
+    input_format: str | None,
 ) -> int:
     from fc2conv_cli import report
     from fc2conv_cli.pipeline import inspect
@@ -194,7 +207,7 @@ def inspect(
     map_to_stdout = suggest_map and map_output is None
     if map_to_stdout and json_path == "-":
         raise click.UsageError("--json - and a map on stdout collide: give the map -o MAP.yaml")
-    result = inspect(input_path, suggest_map, map_output, force)
+    result = inspect(input_path, suggest_map, map_output, force, input_format)
     report.render_inspect(report.make_console(stderr=map_to_stdout or json_path == "-"), result)
     if map_to_stdout:
         report.write_stdout(result.suggestion.text)
@@ -232,12 +245,19 @@ Exit codes: 0 all good; 1 any difference (the table and the error line say which
 @_json_option
 @_atol_option
 @_seed_option
+@_format_option
 def verify(
-    original: Path, converted: Path, map_path: Path, json_path: str | None, atol: float, seed: int
+    original: Path,
+    converted: Path,
+    map_path: Path,
+    json_path: str | None,
+    atol: float,
+    seed: int,
+    input_format: str | None,
 ) -> int:
     from fc2conv_cli.pipeline import ConvertOptions, verify
 
-    options = ConvertOptions(original, map_path, converted, atol, seed=seed)
+    options = ConvertOptions(original, map_path, converted, atol, seed=seed, format=input_format)
     return _report_conversion(verify, options, json_path)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from fc2conv_cli.errors import MapError, shown
-from fc2conv_cli.layout import Layout, WeightFormat
+from fc2conv_cli.layout import ConvFormat, Layout, WeightFormat
 
 __all__ = [
     "SUPPORTED_VERSIONS",
@@ -25,7 +25,15 @@ __all__ = [
 ]
 
 SUPPORTED_VERSIONS = (1,)
-_TOP_KEYS = ("version", "layout", "weight_format", "strip_prefix", "state_dict_key", "layers")
+_TOP_KEYS = (
+    "version",
+    "layout",
+    "weight_format",
+    "conv_format",
+    "strip_prefix",
+    "state_dict_key",
+    "layers",
+)
 _LAYER_KEYS = (
     "name",
     "rename",
@@ -33,18 +41,23 @@ _LAYER_KEYS = (
     "in_channels",
     "layout",
     "weight_format",
+    "conv_format",
     "weight",
     "bias",
 )
 _FORMATS = ", ".join(f.value for f in WeightFormat)
+_CONV_FORMATS = ", ".join(f.value for f in ConvFormat)
 
 
 @dataclass(frozen=True)
 class Rule:
     """One FC layer to convert.
 
-    ``weight``/``bias`` are full source tensor names; ``bias_required`` is True when the map
-    named the bias explicitly (otherwise ``NAME.bias`` is used only if present).
+    ``weight``/``bias`` are full source tensor names when the map gives them (then they
+    must exist); otherwise the plan finds ``NAME.weight`` / ``NAME/kernel`` (and ``:0``
+    variants) and the matching bias, if present. ``weight_format`` None means the
+    checkpoint's stored one. Outputs keep their source names unless ``rename`` replaces
+    the layer prefix.
     """
 
     name: str
@@ -52,14 +65,14 @@ class Rule:
     kernel: tuple[int, ...]
     in_channels: int | None
     layout: Layout
-    weight_format: WeightFormat
-    weight: str
-    bias: str
-    bias_required: bool
+    weight_format: WeightFormat | None
+    conv_format: ConvFormat
+    weight: str | None = None
+    bias: str | None = None
 
     @property
     def output_prefix(self) -> str:
-        """Output tensors are ``PREFIX.weight`` and ``PREFIX.bias``."""
+        """The prefix of the output tensors' names."""
         return self.rename or self.name
 
 
@@ -142,13 +155,14 @@ class _Validator:
         elif type(version) is not int or version not in SUPPORTED_VERSIONS:
             self.problem("top level", "version", "a supported map version (1)", version)
         layout = self.layout("top level", doc.get("layout"), required=True)
-        weight_format = self.weight_format("top level", doc.get("weight_format", "out_in"))
+        weight_format = self.weight_format("top level", doc.get("weight_format"))
+        conv_format = self.conv_format("top level", doc.get("conv_format", "oihw"))
         prefixes = self.strip_prefixes(doc.get("strip_prefix"))
         state_dict_key = doc.get("state_dict_key")
         if state_dict_key is not None and not _is_name(state_dict_key):
             self.problem("top level", "state_dict_key", "a non-empty string", state_dict_key)
             state_dict_key = None
-        rules = self.rules(doc.get("layers"), layout, weight_format)
+        rules = self.rules(doc.get("layers"), layout, weight_format, conv_format)
         if self.problems:
             raise MapError(self.problems)
         return LayerMap(self.source, rules, prefixes, state_dict_key, text)
@@ -168,10 +182,20 @@ class _Validator:
             return None
 
     def weight_format(self, where: str, value: Any) -> WeightFormat | None:
+        """None when absent: the checkpoint's stored format applies."""
+        if value is None:
+            return None
         try:
             return WeightFormat(value)
         except ValueError:
             self.problem(where, "weight_format", f"one of {_FORMATS}", value)
+            return None
+
+    def conv_format(self, where: str, value: Any) -> ConvFormat | None:
+        try:
+            return ConvFormat(value)
+        except ValueError:
+            self.problem(where, "conv_format", f"one of {_CONV_FORMATS}", value)
             return None
 
     def strip_prefixes(self, value: Any) -> tuple[str, ...]:
@@ -184,7 +208,11 @@ class _Validator:
         return tuple(items)
 
     def rules(
-        self, layers: Any, layout: Layout | None, weight_format: WeightFormat | None
+        self,
+        layers: Any,
+        layout: Layout | None,
+        weight_format: WeightFormat | None,
+        conv_format: ConvFormat | None,
     ) -> tuple[Rule, ...]:
         if not isinstance(layers, list) or not layers:
             self.problem("top level", "layers", "a non-empty list of layers", layers)
@@ -198,7 +226,7 @@ class _Validator:
         rules = []
         seen: dict[str, str] = {}
         for index, layer in enumerate(layers):
-            rule = self.rule(index, layer, ndim, layout, weight_format)
+            rule = self.rule(index, layer, ndim, layout, weight_format, conv_format)
             if rule is None:
                 continue
             out = rule.output_prefix
@@ -218,6 +246,7 @@ class _Validator:
         ndim: int,
         default_layout: Layout | None,
         default_format: WeightFormat | None,
+        default_conv_format: ConvFormat | None,
     ) -> Rule | None:
         where = f"layers[{index}]"
         if not isinstance(layer, Mapping):
@@ -250,13 +279,18 @@ class _Validator:
             if "weight_format" in layer
             else default_format
         )
+        conv_format = (
+            self.conv_format(where, layer["conv_format"])
+            if "conv_format" in layer
+            else default_conv_format
+        )
         tensors = {}
         for key in ("weight", "bias"):
             value = layer.get(key)
             if value is not None and not _is_name(value):
                 self.problem(where, key, "a full tensor name", value)
             tensors[key] = value
-        if len(self.problems) > before or layout is None or weight_format is None:
+        if len(self.problems) > before or layout is None or conv_format is None:
             return None
         return Rule(
             name=name,
@@ -265,9 +299,9 @@ class _Validator:
             in_channels=in_channels,
             layout=layout,
             weight_format=weight_format,
-            weight=tensors["weight"] or f"{name}.weight",
-            bias=tensors["bias"] or f"{name}.bias",
-            bias_required=tensors["bias"] is not None,
+            conv_format=conv_format,
+            weight=tensors["weight"],
+            bias=tensors["bias"],
         )
 
     def kernel(self, where: str, value: Any, ndim: int) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["SPATIAL_AXES", "Layout", "WeightFormat"]
+__all__ = ["SPATIAL_AXES", "ConvFormat", "Layout", "WeightFormat"]
 
 # The spatial axis letters of a 1-D, 2-D and 3-D feature map, slowest first.
 SPATIAL_AXES = {1: "l", 2: "hw", 3: "dhw"}
@@ -26,6 +26,31 @@ class WeightFormat(enum.Enum):
 
     OUT_IN = "out_in"  # torch nn.Linear: (out_features, in_features)
     IN_OUT = "in_out"  # Keras / TF / JAX Dense kernel: (in_features, out_features)
+
+
+class ConvFormat(enum.Enum):
+    """How a conv weight is stored, for any number of spatial axes."""
+
+    OIHW = "oihw"  # torch: (out, in, *kernel)
+    HWIO = "hwio"  # Keras / TF / JAX: (*kernel, in, out)
+
+    def shape(self, out_channels: int, in_channels: int, kernel: tuple[int, ...]) -> tuple:
+        """The stored shape of a conv weight with these sizes."""
+        if self is ConvFormat.OIHW:
+            return (out_channels, in_channels, *kernel)
+        return (*kernel, in_channels, out_channels)
+
+    def from_oihw(self, ndim: int) -> tuple[int, ...]:
+        """Axis permutation from ``(out, in, *kernel)`` to this format (``ndim`` spatial axes)."""
+        if self is ConvFormat.OIHW:
+            return tuple(range(ndim + 2))
+        return (*range(2, ndim + 2), 1, 0)
+
+    def to_oihw(self, ndim: int) -> tuple[int, ...]:
+        """Axis permutation from this format back to ``(out, in, *kernel)``."""
+        if self is ConvFormat.OIHW:
+            return tuple(range(ndim + 2))
+        return (ndim + 1, ndim, *range(ndim))
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ class ConvertOptions:
     dry_run: bool = False
     force: bool = False
     seed: int = 0
+    format: str | None = None  # --format: read INPUT as this format, whatever it looks like
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def convert(options: ConvertOptions) -> ConvertResult:
     # Hashing runs in a thread from here on, overlapping the torch import and the copy.
     digest = None if options.dry_run else sha256_in_background(options.input)
     with open_checkpoint(
-        options.input, layer_map.strip_prefixes, layer_map.state_dict_key
+        options.input, layer_map.strip_prefixes, layer_map.state_dict_key, options.format
     ) as source:
         plan = build_plan(source.tensors, layer_map)
         result = ConvertResult(options, source.kind, plan, source.notes)
@@ -129,7 +130,11 @@ class InspectResult:
 
 
 def inspect(
-    path: Path, suggest: bool = False, map_output: Path | None = None, force: bool = False
+    path: Path,
+    suggest: bool = False,
+    map_output: Path | None = None,
+    force: bool = False,
+    format: str | None = None,
 ) -> InspectResult:
     """Summarize a checkpoint; suggest a map (and write it to ``map_output``) if asked.
 
@@ -137,7 +142,7 @@ def inspect(
     """
     if map_output is not None and map_output.exists() and not force:
         raise OutputError(f"{map_output}: already exists; pass --force to replace it")
-    with open_checkpoint(path) as checkpoint:
+    with open_checkpoint(path, format=format) as checkpoint:
         summary = summarize(checkpoint)
         suggestion = suggest_map(checkpoint, path.name) if suggest else None
     if map_output is not None and suggestion is not None:
@@ -157,9 +162,9 @@ def verify(options: ConvertOptions) -> ConvertResult:
     layer_map = read_layer_map(options.map_path)
     with (
         open_checkpoint(
-            options.input, layer_map.strip_prefixes, layer_map.state_dict_key
+            options.input, layer_map.strip_prefixes, layer_map.state_dict_key, options.format
         ) as source,
-        open_checkpoint(options.output) as converted,
+        open_checkpoint(options.output, format="safetensors") as converted,
     ):
         plan = build_plan(source.tensors, layer_map)
         result = ConvertResult(

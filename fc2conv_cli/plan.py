@@ -14,10 +14,24 @@ from dataclasses import dataclass
 
 from fc2conv_cli.errors import PlanError, shown
 from fc2conv_cli.layer_map import LayerMap, Rule
-from fc2conv_cli.layout import Layout, WeightFormat
+from fc2conv_cli.layout import ConvFormat, Layout, WeightFormat
 from fc2conv_cli.readers import DTYPE_BITS, FLOAT_DTYPES, TensorInfo, tensor_nbytes
 
-__all__ = ["Conversion", "LayerPlan", "Plan", "PlannedTensor", "build_plan"]
+__all__ = [
+    "BIAS_SUFFIXES",
+    "WEIGHT_SUFFIXES",
+    "Conversion",
+    "LayerPlan",
+    "Plan",
+    "PlannedTensor",
+    "build_plan",
+]
+
+# How each format names a layer's weight and bias after the layer's name, each also with
+# the ``:0`` that TF and Keras exporters leave in ONNX and TF.js names.
+_SUFFIX_PAIRS = ((".weight", ".bias"), ("/kernel", "/bias"))
+WEIGHT_SUFFIXES = tuple(w + tail for w, _ in _SUFFIX_PAIRS for tail in ("", ":0"))
+BIAS_SUFFIXES = tuple(b + tail for _, b in _SUFFIX_PAIRS for tail in ("", ":0"))
 
 
 @dataclass(frozen=True)
@@ -28,11 +42,16 @@ class Conversion:
     weight_format: WeightFormat
     in_channels: int
     kernel: tuple[int, ...]
+    conv_format: ConvFormat = ConvFormat.OIHW
 
     @property
     def moves_bytes(self) -> bool:
         """False when the conv weight keeps the FC weight's bytes (only the header changes)."""
-        return not (self.weight_format is WeightFormat.OUT_IN and self.layout.is_canonical)
+        return not (
+            self.weight_format is WeightFormat.OUT_IN
+            and self.layout.is_canonical
+            and self.conv_format is ConvFormat.OIHW
+        )
 
 
 @dataclass(frozen=True)
@@ -107,28 +126,73 @@ def build_plan(tensors: Mapping[str, TensorInfo], layer_map: LayerMap) -> Plan:
     return Plan(tuple(outputs), tuple(layers), _chain_warnings(layers, layer_map.source))
 
 
-def _plan_layer(
+def _find_weight(
     rule: Rule, tensors: Mapping[str, TensorInfo], where: str, problems: list[str]
-) -> LayerPlan | None:
-    weight = tensors.get(rule.weight)
-    if weight is None:
+) -> str | None:
+    """The rule's weight name: the map's, or the one ``NAME + suffix`` that exists."""
+    if rule.weight is not None:
+        if rule.weight in tensors:
+            return rule.weight
         problems.append(
             f"{where}: weight {rule.weight!r} is not in the checkpoint"
             + _closest(rule.weight, tensors)
         )
         return None
+    found = [rule.name + s for s in WEIGHT_SUFFIXES if rule.name + s in tensors]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        problems.append(
+            f"{where}: several weights match {rule.name!r}: {', '.join(found)}; "
+            "name one with weight:"
+        )
+    else:
+        tried = ", ".join(rule.name + s for s in WEIGHT_SUFFIXES)
+        problems.append(
+            f"{where}: no weight for {rule.name!r} in the checkpoint (tried {tried})"
+            + _closest(rule.name + WEIGHT_SUFFIXES[0], tensors)
+        )
+    return None
+
+
+def _find_bias(rule: Rule, weight: str, tensors: Mapping[str, TensorInfo]) -> str | None:
+    """The rule's bias name: the map's, or the one named like the weight, if present."""
+    if rule.bias is not None:
+        return rule.bias
+    for weight_suffix, bias_suffix in zip(WEIGHT_SUFFIXES, BIAS_SUFFIXES, strict=True):
+        if weight == rule.name + weight_suffix and rule.name + bias_suffix in tensors:
+            return rule.name + bias_suffix
+    return None
+
+
+def _output_name(rule: Rule, source: str, default_suffix: str) -> str:
+    """A converted tensor keeps its name; ``rename`` replaces the layer prefix only."""
+    if rule.rename is None:
+        return source
+    suffix = source[len(rule.name) :] if source.startswith(rule.name) else default_suffix
+    return rule.rename + suffix
+
+
+def _plan_layer(
+    rule: Rule, tensors: Mapping[str, TensorInfo], where: str, problems: list[str]
+) -> LayerPlan | None:
+    weight_name = _find_weight(rule, tensors, where, problems)
+    if weight_name is None:
+        return None
+    weight = tensors[weight_name]
     if len(weight.shape) != 2:
         problems.append(
-            f"{where}: weight {rule.weight!r} has shape {list(weight.shape)}, "
+            f"{where}: weight {weight_name!r} has shape {list(weight.shape)}, "
             "expected a 2-D FC weight"
         )
         return None
     if weight.dtype not in FLOAT_DTYPES:
         problems.append(
-            f"{where}: weight {rule.weight!r} is {weight.dtype}, expected a float dtype"
+            f"{where}: weight {weight_name!r} is {weight.dtype}, expected a float dtype"
         )
         return None
-    fmt = rule.weight_format
+    # The map's word, else what the file says of this tensor, else torch's (out, in).
+    fmt = rule.weight_format or weight.weight_format or WeightFormat.OUT_IN
     out_features, in_features = weight.shape if fmt is WeightFormat.OUT_IN else weight.shape[::-1]
     kernel_size = math.prod(rule.kernel)
     kernel_text = "x".join(map(str, rule.kernel))
@@ -149,19 +213,19 @@ def _plan_layer(
         return None
     else:
         in_channels = in_features // kernel_size
-    prefix = rule.output_prefix
-    conversion = Conversion(rule.layout, fmt, in_channels, rule.kernel)
+    conversion = Conversion(rule.layout, fmt, in_channels, rule.kernel, rule.conv_format)
     conv_weight = PlannedTensor(
-        f"{prefix}.weight",
-        rule.weight,
+        _output_name(rule, weight_name, ".weight"),
+        weight_name,
         weight.dtype,
-        (out_features, in_channels, *rule.kernel),
+        rule.conv_format.shape(out_features, in_channels, rule.kernel),
         conversion,
         rule.name,
     )
-    bias = tensors.get(rule.bias)
+    bias_name = _find_bias(rule, weight_name, tensors)
+    bias = tensors.get(bias_name) if bias_name is not None else None
     conv_bias = None
-    if bias is None and rule.bias_required:
+    if bias is None and rule.bias is not None:
         problems.append(
             f"{where}: bias {rule.bias!r} is not in the checkpoint{_closest(rule.bias, tensors)}"
         )
@@ -169,12 +233,17 @@ def _plan_layer(
     if bias is not None:
         if bias.shape != (out_features,):
             problems.append(
-                f"{where}: bias {rule.bias!r} has shape {list(bias.shape)}, "
+                f"{where}: bias {bias.name!r} has shape {list(bias.shape)}, "
                 f"expected [{out_features}] (the layer's out_features)"
             )
             return None
         conv_bias = PlannedTensor(
-            f"{prefix}.bias", rule.bias, bias.dtype, bias.shape, None, rule.name
+            _output_name(rule, bias.name, ".bias"),
+            bias.name,
+            bias.dtype,
+            bias.shape,
+            None,
+            rule.name,
         )
     return LayerPlan(
         rule, conv_weight, conv_bias, weight.shape, out_features, in_features, in_channels

@@ -22,6 +22,7 @@ from fc2conv_cli.errors import Fc2convError
 if TYPE_CHECKING:
     from fc2conv_cli.batch import BatchResult, FileOutcome
     from fc2conv_cli.pipeline import ConvertResult, InspectResult
+    from fc2conv_cli.plan import Conversion
 
 __all__ = [
     "PIPE_WIDTH",
@@ -76,11 +77,11 @@ def render_conversion(console: Console, result: ConvertResult) -> None:
             dense = _diff(check.dense_max_abs_diff) if check.dense_checked else "n/a (1x1)"
             status = Text("ok", style="green") if check.ok else Text("FAILED", style="bold red")
         table.add_row(
-            Text(f"{layer.rule.name} -> {layer.rule.output_prefix}"),
+            Text(f"{layer.weight.source} -> {layer.weight.name}"),
             _shape(layer.source_shape),
             _shape(layer.weight.shape),
             "x".join(map(str, layer.weight.conversion.kernel)),
-            Text(f"{layer.rule.layout} {layer.rule.weight_format.value}"),
+            Text(_layout_cell(layer.weight.conversion)),
             window,
             dense,
             status,
@@ -103,7 +104,7 @@ def render_plan(console: Console, result: ConvertResult) -> None:
         elif conversion.moves_bytes:
             action = (
                 f"convert {planned.source} ({conversion.weight_format.value}, "
-                f"{conversion.layout} -> {conversion.layout.canonical}: bytes move)"
+                f"{conversion.layout} -> {conversion.conv_format.value}: bytes move)"
             )
         else:
             action = f"reshape {planned.source} (bytes unchanged)"
@@ -135,14 +136,16 @@ def conversion_json(result: ConvertResult) -> dict[str, Any]:
             {
                 "name": layer.rule.name,
                 "rename": layer.rule.rename,
-                "weight": layer.rule.weight,
+                "weight": layer.weight.source,
                 "output_weight": layer.weight.name,
                 "bias": layer.bias.source if layer.bias else None,
+                "output_bias": layer.bias.name if layer.bias else None,
                 "old_shape": list(layer.source_shape),
                 "new_shape": list(layer.weight.shape),
                 "kernel": list(layer.weight.conversion.kernel),
                 "layout": str(layer.rule.layout),
-                "weight_format": layer.rule.weight_format.value,
+                "weight_format": layer.weight.conversion.weight_format.value,
+                "conv_format": layer.weight.conversion.conv_format.value,
                 "bytes_unchanged": not layer.weight.conversion.moves_bytes,
                 "max_abs_diff": check.max_abs_diff if check else None,
                 "dense_max_abs_diff": check.dense_max_abs_diff if check else None,
@@ -418,6 +421,11 @@ def _footer(result: ConvertResult) -> str:
             parts.append(f"all checks within atol {result.options.atol:g}")
     parts.append(f"{result.seconds:.2f} s")
     return " | ".join(parts)
+
+
+def _layout_cell(conversion: Conversion) -> str:
+    """Flatten layout, FC weight format used, and conv format written: ``hwc in_out>oihw``."""
+    return f"{conversion.layout} {conversion.weight_format.value}>{conversion.conv_format.value}"
 
 
 def _one_line(text: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 import threading
@@ -199,19 +200,24 @@ def _write_tensor(file, planned: PlannedTensor, checkpoint: Checkpoint) -> None:
         return
     import numpy as np  # only here: a plain copy never needs numpy
 
-    # Rows are output filters. An in_out kernel is read column-wise through the memory map.
+    # A strided view of the output in its stored order, read through the memory map;
+    # an in_out kernel is read column-wise.
     weight = checkpoint.array(planned.source)
     rows = weight if conversion.weight_format is WeightFormat.OUT_IN else weight.T
-    out_features, in_features = rows.shape
-    step = min(out_features, max(1, CHUNK_BYTES // (in_features * rows.itemsize)))
-    buffer = np.empty((step, conversion.in_channels, *conversion.kernel), rows.dtype)
-    for start in range(0, out_features, step):
-        filters = conversion.layout.fc_rows_to_conv(
-            rows[start : start + step], conversion.in_channels, conversion.kernel
-        )
-        chunk = buffer[: len(filters)]  # one buffer for all chunks keeps memory flat
-        np.copyto(chunk, filters)
-        file.write(chunk.reshape(-1).view(np.uint8))
+    filters = conversion.layout.fc_rows_to_conv(rows, conversion.in_channels, conversion.kernel)
+    stored = filters.transpose(conversion.conv_format.from_oihw(len(conversion.kernel)))
+    # Copy it in pieces of at most CHUNK_BYTES: slices along the first axis that is not
+    # too large on its own, under every index of the axes before it.
+    sizes = [math.prod(stored.shape[a:]) * stored.itemsize for a in range(stored.ndim + 1)]
+    axis = next(a for a in range(stored.ndim) if sizes[a + 1] <= CHUNK_BYTES)
+    step = max(1, CHUNK_BYTES // sizes[axis + 1])
+    buffer = np.empty((min(step, stored.shape[axis]), *stored.shape[axis + 1 :]), stored.dtype)
+    for outer in np.ndindex(*stored.shape[:axis]):
+        part = stored[outer]
+        for start in range(0, part.shape[0], step):
+            chunk = buffer[: len(part[start : start + step])]  # one buffer keeps memory flat
+            np.copyto(chunk, part[start : start + step])
+            file.write(chunk.reshape(-1).view(np.uint8))
 
 
 def _flush_in_background(fd: int) -> Future[None]:

@@ -104,7 +104,7 @@ def test_good_conversion_prints_the_table_and_writes_the_file(tmp_path, run_cli)
     assert outcome.code == 0, outcome.stderr
     assert outcome.stderr == ""
     table = outcome.stdout
-    assert "head.0 -> fc" in table
+    assert "head.0.weight -> fc.weight" in table
     assert "chw out_in" in table
     assert "(5, 24)" in table  # old shape
     assert "(5, 4, 2, 3)" in table  # new shape
@@ -150,7 +150,7 @@ def test_json_to_a_file_keeps_the_table_on_stdout(tmp_path, run_cli):
     outcome = _convert(run_cli, source, layer_map, output, "--json", report_path)
     assert outcome.code == 0, outcome.stderr
     assert outcome.stderr == ""
-    assert "head.0 -> fc" in outcome.stdout
+    assert "head.0.weight -> fc.weight" in outcome.stdout
     assert "{" not in outcome.stdout  # the JSON went to the file only
     _check_report(json.loads(report_path.read_text()), source, output)
     assert set(load_file(str(output))) == CONVERTED
@@ -163,7 +163,7 @@ def test_json_to_stdout_is_pure_json_and_the_table_goes_to_stderr(tmp_path, run_
     assert outcome.code == 0, outcome.stderr
     _check_report(json.loads(outcome.stdout), source, output)  # all of stdout parses
     assert outcome.stdout.lstrip().startswith("{")
-    assert "head.0 -> fc" in outcome.stderr
+    assert "head.0.weight -> fc.weight" in outcome.stderr
     assert "(5, 4, 2, 3)" in outcome.stderr
     assert set(load_file(str(output))) == CONVERTED
 
@@ -193,7 +193,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, run_cli):
     for name in CONVERTED:
         assert name in outcome.stdout
     assert "reshape head.0.weight (bytes unchanged)" in outcome.stdout
-    assert "head.0 -> fc" in outcome.stdout
+    assert "head.0.weight -> fc.weight" in outcome.stdout
     assert "(5, 4, 2, 3)" in outcome.stdout
     assert "nothing written (dry run)" in outcome.stdout
     assert not output.exists()
@@ -308,7 +308,7 @@ def test_a_failing_layer_check_exits_1_and_publishes_nothing(tmp_path, run_cli, 
     _corrupt_one_byte(monkeypatch, "fc.weight")
     outcome = _convert(run_cli, source, layer_map, output, "--json", report_path)
     assert outcome.code == 1, outcome.stderr
-    assert "head.0 -> fc" in outcome.stdout
+    assert "head.0.weight -> fc.weight" in outcome.stdout
     assert "FAILED" in outcome.stdout
     assert "Traceback" not in outcome.stdout + outcome.stderr
     lines = outcome.stderr.strip().splitlines()
@@ -491,7 +491,13 @@ BAD_MAPS = {
     ),
     "layer_not_in_checkpoint": (
         GOOD_MAP.replace("name: head.0", "name: head.1"),
-        ("layers[0] (head.1)", "'head.1.weight'", "not in the checkpoint", "closest", "head.0"),
+        (
+            "layers[0] (head.1)",
+            "no weight for 'head.1'",
+            "tried head.1.weight",
+            "closest",
+            "head.0",
+        ),
     ),
     "weight_not_2d": (
         GOOD_MAP.replace("name: head.0", "name: backbone"),

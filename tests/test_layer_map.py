@@ -53,16 +53,13 @@ def test_good_map_gives_typed_rules():
         (7, 7),
         512,
     )
-    assert (first.weight, first.bias, first.bias_required) == (
-        "classifier.0.weight",
-        "classifier.0.bias",
-        False,
-    )
+    # No weight:/bias: keys: the plan finds them by the format's suffixes.
+    assert (first.weight, first.bias) == (None, None)
     assert first.output_prefix == "fc6"
     assert second.kernel == (1, 1)  # same number of ones as the other kernels
     assert str(second.layout) == "hwc" and str(first.layout) == "chw"
     assert third.weight_format is WeightFormat.IN_OUT
-    assert (third.weight, third.bias, third.bias_required) == ("fc1/kernel", "fc1/bias", True)
+    assert (third.weight, third.bias) == ("fc1/kernel", "fc1/bias")
     assert third.output_prefix == "head"
 
 

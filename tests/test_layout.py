@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -80,3 +81,16 @@ def test_invalid_layouts_are_refused(text):
 def test_parse_normalises_case_and_space():
     assert Layout.parse(" HWC ").axes == "hwc"
     assert Layout.parse("whc").sizes(512, (7, 5)) == (5, 7, 512)
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_conv_formats_round_trip_for_any_number_of_spatial_axes(ndim):
+    from fc2conv_cli.layout import ConvFormat
+
+    kernel = (2, 3, 4)[:ndim]
+    oihw = np.arange(5 * 6 * math.prod(kernel)).reshape(5, 6, *kernel)
+    hwio = oihw.transpose(ConvFormat.HWIO.from_oihw(ndim))
+    assert hwio.shape == ConvFormat.HWIO.shape(5, 6, kernel) == (*kernel, 6, 5)
+    assert hwio[(*(k - 1 for k in kernel), 2, 4)] == oihw[(4, 2, *(k - 1 for k in kernel))]
+    assert np.array_equal(hwio.transpose(ConvFormat.HWIO.to_oihw(ndim)), oihw)
+    assert ConvFormat.OIHW.shape(5, 6, kernel) == (5, 6, *kernel)

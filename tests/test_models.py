@@ -337,9 +337,16 @@ def test_in_out_kernels_under_custom_names(run_cli, tmp_path, suffix):
         la["weight_format"] == "in_out" and not la["bytes_unchanged"] for la in report["layers"]
     )
     assert all(la["ok"] and la["max_abs_diff"] < 1e-9 for la in report["layers"])
-    # The Dense names are consumed; only the conv names come out.
-    assert not any("/" in name for name in load_file(str(output)))
-    assert_fcn_matches(case, model.classifier, _fcn(case, output))
+    # rename replaces the layer prefix and keeps the format's suffix.
+    written = load_file(str(output))
+    converted = {f"fc{i}/{v}" for i in (6, 7, 8) for v in ("kernel", "bias")}
+    assert converted <= set(written) and not any("/" in n for n in set(written) - converted)
+    torch_names = tmp_path / "torch_names.safetensors"
+    save_file(
+        {k.replace("/kernel", ".weight").replace("/", "."): v for k, v in written.items()},
+        str(torch_names),
+    )
+    assert_fcn_matches(case, model.classifier, _fcn(case, torch_names))
 
 
 def test_nested_data_parallel_checkpoint(run_cli, tmp_path):
@@ -383,3 +390,34 @@ def test_subprocess_entry_point(tmp_path):
     ]
     assert "fc6" in done.stderr
     assert_fcn_matches(case, original, _fcn(case, output))
+
+
+def test_hwio_output_runs_as_a_keras_style_conv(run_cli, tmp_path):
+    """conv_format hwio: (*kernel, in, out), the kernel a Keras Conv2D loads, same numbers."""
+    case = Case("hwc", (3, 5), 2, ".safetensors")
+    torch.manual_seed(0)
+    model = KerasStyleHead(case).to(torch.float64).eval()
+    source = _save(model.keras_state_dict(), tmp_path / "keras.safetensors")
+    layer_map = tmp_path / "map.yaml"
+    layer_map.write_text(
+        KERAS_MAP.format(kernel=list(case.feature)).replace("layers:", "conv_format: hwio\nlayers:")
+    )
+    output = tmp_path / "fcn.safetensors"
+    outcome = run_cli("convert", source, "--map", layer_map, "-o", output)
+    assert outcome.code == 0, outcome.stderr
+    assert "hwc in_out>hwio" in outcome.stdout
+    written = load_file(str(output))
+    assert written["fc6/kernel"].shape == (3, 5, CHANNELS, HIDDEN[0])
+    # hwc-flattened (in, out) kernels are already in hwio order: a pure reshape.
+    state = model.keras_state_dict()
+    assert torch.equal(written["fc6/kernel"].reshape(-1, HIDDEN[0]), state["fc1/kernel"])
+    hwio_to_oihw = (3, 2, 0, 1)
+    as_torch = {
+        k.replace("/kernel", ".weight").replace("/", "."): (
+            v.permute(hwio_to_oihw) if k.endswith("/kernel") else v
+        )
+        for k, v in written.items()
+    }
+    torch_names = tmp_path / "torch_names.safetensors"
+    save_file({k: v.contiguous() for k, v in as_torch.items()}, str(torch_names))
+    assert_fcn_matches(case, model.classifier, _fcn(case, torch_names))

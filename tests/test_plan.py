@@ -97,8 +97,9 @@ def test_branching_heads_warn_but_plan():
     [
         (
             "[{name: classifer.0}]",
-            r"layers\[0\] \(classifer.0\): weight 'classifer.0.weight' is not in the checkpoint; "
-            r"closest names: classifier.0.weight",
+            r"layers\[0\] \(classifer.0\): no weight for 'classifer.0' in the checkpoint "
+            r"\(tried classifer.0.weight, classifer.0.weight:0, classifer.0/kernel, "
+            r"classifer.0/kernel:0\); closest names: classifier.0.weight",
         ),
         (
             "[{name: features.28}]",
@@ -146,3 +147,76 @@ def test_integer_weights_are_refused():
 def test_all_problems_are_listed_together():
     found = problems(VGG_HEAD, "version: 1\nlayout: chw\nlayers: [{name: x}, {name: features.28}]")
     assert len(found) == 2
+
+
+def _keras_index(weight_format=None, tail="") -> dict[str, TensorInfo]:
+    """A Keras-named head: ``fc1/kernel`` (in, out) over a 2x3x4 map, then ``fc2``."""
+    from fc2conv_cli.layout import WeightFormat
+
+    hint = WeightFormat(weight_format) if weight_format else None
+    names = {
+        f"fc1/kernel{tail}": (24, 5),
+        f"fc1/bias{tail}": (5,),
+        f"fc2/kernel{tail}": (5, 3),
+        f"fc2/bias{tail}": (3,),
+    }
+    return {n: TensorInfo(n, "F32", s, hint if len(s) == 2 else None) for n, s in names.items()}
+
+
+KERAS_MAP = """
+version: 1
+layout: hwc
+layers:
+  - {name: fc1, kernel: [2, 3], in_channels: 4}
+  - {name: fc2}
+"""
+
+
+@pytest.mark.parametrize("tail", ["", ":0"])
+def test_a_name_finds_the_formats_own_suffixes_and_outputs_keep_their_names(tail):
+    plan = plan_for(_keras_index("in_out", tail), KERAS_MAP)
+    fc1, fc2 = plan.layers
+    assert (fc1.weight.source, fc1.bias.source) == (f"fc1/kernel{tail}", f"fc1/bias{tail}")
+    assert (fc1.weight.name, fc1.bias.name) == (f"fc1/kernel{tail}", f"fc1/bias{tail}")
+    # The tensor's stored format (a reader's hint) applies where the map says none.
+    assert fc1.weight.conversion.weight_format.value == "in_out"
+    assert fc1.weight.shape == (5, 4, 2, 3) and fc2.weight.shape == (3, 5, 1, 1)
+
+
+def test_rename_replaces_the_layer_prefix_and_keeps_the_suffix():
+    text = KERAS_MAP.replace("{name: fc2}", "{name: fc2, rename: fc7}")
+    fc1, fc2 = plan_for(_keras_index("in_out"), text).layers
+    assert (fc2.weight.name, fc2.bias.name) == ("fc7/kernel", "fc7/bias")
+    assert fc1.weight.name == "fc1/kernel"
+    # An explicit weight outside the layer's prefix gets torch's suffixes under the rename.
+    tensors = index(unknown_5=(3, 8), unknown_6=(3,))
+    text = "version: 1\nlayout: chw\nlayers: [{name: x, weight: unknown_5, bias: unknown_6}]"
+    (layer,) = plan_for(tensors, text).layers
+    assert (layer.weight.name, layer.bias.name) == ("unknown_5", "unknown_6")
+    (layer,) = plan_for(tensors, text.replace("name: x,", "name: x, rename: fc6,")).layers
+    assert (layer.weight.name, layer.bias.name) == ("fc6.weight", "fc6.bias")
+
+
+def test_the_map_weight_format_wins_over_the_stored_one_and_out_in_is_the_last_default():
+    text = KERAS_MAP.replace("layout: hwc", "layout: hwc\nweight_format: out_in")
+    assert problems(_keras_index("in_out"), text)  # (24, 5) read as out_in does not fit
+    (fc,) = plan_for(
+        index(fc__weight=(5, 24)), "version: 1\nlayout: chw\nlayers: [{name: fc}]"
+    ).layers
+    assert fc.weight.conversion.weight_format.value == "out_in"  # no word anywhere: torch's
+
+
+def test_hwio_conv_format_stores_kernel_in_out_order():
+    text = KERAS_MAP.replace("layout: hwc", "layout: hwc\nconv_format: hwio")
+    fc1, fc2 = plan_for(_keras_index("in_out"), text).layers
+    assert fc1.weight.shape == (2, 3, 4, 5) and fc2.weight.shape == (1, 1, 5, 3)
+    assert fc1.weight.conversion.conv_format.value == "hwio"
+    per_layer = KERAS_MAP.replace("{name: fc2}", "{name: fc2, conv_format: hwio}")
+    fc1, fc2 = plan_for(_keras_index("in_out"), per_layer).layers
+    assert fc1.weight.shape == (5, 4, 2, 3) and fc2.weight.shape == (1, 1, 5, 3)
+
+
+def test_several_matching_suffixes_are_refused_as_ambiguous():
+    tensors = {**_keras_index("in_out"), **index(fc1__weight=(5, 24))}
+    (problem,) = problems(tensors, KERAS_MAP)
+    assert "several weights match 'fc1': fc1.weight, fc1/kernel; name one with weight:" in problem

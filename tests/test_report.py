@@ -55,7 +55,7 @@ def test_table_shows_shapes_layout_and_checks():
     text = render(
         render_conversion, result([LayerCheck("[bold]fc[/bold]", 1e-13, 2e-13, True, True)])
     )
-    assert "[bold]fc[/bold] -> fc6" in text  # user text is shown as is, not as markup
+    assert "[bold]fc[/bold].weight -> fc6.weight" in text  # user text is shown as is, not as markup
     assert "(8, 12)" in text and "(8, 3, 2, 2)" in text and "2x2" in text and "hwc out_in" in text
     assert "1.0e-13" in text and "2.0e-13" in text and " ok " in text
     assert "1 tensors copied (byte-identical) | output 2.0 KiB" in text
@@ -72,7 +72,7 @@ def test_failed_and_nan_checks_are_visible():
 def test_dry_run_plan_lists_every_output_tensor():
     text = render(render_plan, result(dry_run=True))
     assert "fc6.weight" in text and "other" in text
-    assert "convert [bold]fc[/bold].weight (out_in, hwc -> chw: bytes move)" in text
+    assert "convert [bold]fc[/bold].weight (out_in, hwc -> oihw: bytes move)" in text
     assert "nothing written (dry run)" in render(render_conversion, result(dry_run=True))
 
 

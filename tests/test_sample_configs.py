@@ -34,7 +34,8 @@ class Layer:
 
     weight: str  # source tensor
     bias: str
-    output: str  # output prefix: OUTPUT.weight, OUTPUT.bias
+    out_weight: str  # output tensors: a converted tensor keeps its name unless renamed
+    out_bias: str
     old_shape: tuple[int, ...]
     new_shape: tuple[int, ...]
     to_conv: Callable[[np.ndarray], np.ndarray]  # the reshape / permute, written out by hand
@@ -48,7 +49,8 @@ def _torchvision(indices: tuple[int, int, int], channels: int, side: int) -> lis
         Layer(
             f"{first}.weight",
             f"{first}.bias",
-            "fc6",
+            "fc6.weight",
+            "fc6.bias",
             (4096, in_features),
             (4096, channels, side, side),
             lambda w: w.reshape(4096, channels, side, side),
@@ -56,7 +58,8 @@ def _torchvision(indices: tuple[int, int, int], channels: int, side: int) -> lis
         Layer(
             f"{later[0]}.weight",
             f"{later[0]}.bias",
-            "fc7",
+            "fc7.weight",
+            "fc7.bias",
             (4096, 4096),
             (4096, 4096, 1, 1),
             lambda w: w.reshape(4096, 4096, 1, 1),
@@ -64,7 +67,8 @@ def _torchvision(indices: tuple[int, int, int], channels: int, side: int) -> lis
         Layer(
             f"{later[1]}.weight",
             f"{later[1]}.bias",
-            "fc8",
+            "fc8.weight",
+            "fc8.bias",
             (1000, 4096),
             (1000, 4096, 1, 1),
             lambda w: w.reshape(1000, 4096, 1, 1),
@@ -78,7 +82,8 @@ _KERAS = [
     Layer(
         "fc1/kernel",
         "fc1/bias",
-        "fc1",
+        "fc1/kernel",
+        "fc1/bias",
         (25088, 4096),
         (4096, 512, 7, 7),
         lambda k: k.T.reshape(4096, 7, 7, 512).transpose(0, 3, 1, 2),
@@ -86,7 +91,8 @@ _KERAS = [
     Layer(
         "fc2/kernel",
         "fc2/bias",
-        "fc2",
+        "fc2/kernel",
+        "fc2/bias",
         (4096, 4096),
         (4096, 4096, 1, 1),
         lambda k: k.T.reshape(4096, 4096, 1, 1),
@@ -94,7 +100,8 @@ _KERAS = [
     Layer(
         "predictions/kernel",
         "predictions/bias",
-        "predictions",
+        "predictions/kernel",
+        "predictions/bias",
         (4096, 1000),
         (1000, 4096, 1, 1),
         lambda k: k.T.reshape(1000, 4096, 1, 1),
@@ -163,8 +170,7 @@ def test_report_lists_the_three_layers_with_their_shapes(converted):
         (la["weight"], la["bias"], la["output_weight"], la["old_shape"], la["new_shape"])
         for la in report["layers"]
     ] == [
-        (e.weight, e.bias, f"{e.output}.weight", list(e.old_shape), list(e.new_shape))
-        for e in spec.layers
+        (e.weight, e.bias, e.out_weight, list(e.old_shape), list(e.new_shape)) for e in spec.layers
     ]
     for layer in report["layers"]:
         assert (layer["layout"], layer["weight_format"]) == (spec.layout, spec.weight_format)
@@ -191,15 +197,15 @@ def test_output_holds_the_converted_weights_and_the_copies(converted):
     spec = converted.spec
     fc_names = {name for e in spec.layers for name in (e.weight, e.bias)}
     copied = set(source) - fc_names
-    converted_names = {f"{e.output}.{p}" for e in spec.layers for p in ("weight", "bias")}
+    converted_names = {name for e in spec.layers for name in (e.out_weight, e.out_bias)}
     assert set(written) == copied | converted_names
     assert all(str(t.dtype) == DTYPE for t in written.values())
     for expected in spec.layers:
-        weight = written[f"{expected.output}.weight"]
+        weight = written[expected.out_weight]
         assert weight.shape == expected.new_shape
         assert source[expected.weight].shape == expected.old_shape
-        _assert_same_bits(weight, expected.to_conv(source[expected.weight]), expected.output)
-        _assert_same_bits(written[f"{expected.output}.bias"], source[expected.bias], expected.bias)
+        _assert_same_bits(weight, expected.to_conv(source[expected.weight]), expected.out_weight)
+        _assert_same_bits(written[expected.out_bias], source[expected.bias], expected.bias)
     for name in copied:
         _assert_same_bits(written[name], source[name], name)
 

@@ -138,3 +138,9 @@ def test_a_plain_copy_without_checks_never_imports_numpy(tmp_path):
     )
     assert result.stdout.strip().splitlines()[-1] == "[] 0", result.stdout + result.stderr
     assert (tmp_path / "out.safetensors").stat().st_size > 4 * 48
+
+
+def test_the_cli_lists_every_reader_format():
+    from fc2conv_cli.readers import FORMATS
+
+    assert cli._FORMATS == FORMATS  # the CLI keeps its own copy so --help imports no reader
