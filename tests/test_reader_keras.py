@@ -461,22 +461,24 @@ def test_bad_input_is_refused_in_one_line(saved, tmp_path, run_cli, case):
 # End to end: convert the head with a map, then prove it with Keras' own forward pass.
 
 
-def _map_text(conv_format: str | None = None) -> str:
-    lines = ["version: 1", "layout: hwc", "weight_format: in_out"]
-    if conv_format:
-        lines.append(f"conv_format: {conv_format}")
-    lines.append("layers:")
+def _map_text(conv_format: str = "oihw", explicit: bool = False) -> str:
+    """The head's map: ``name: fc1`` finds ``fc1/kernel`` and ``fc1/bias``; no
+    ``weight_format``, so the checkpoint's stored one (Keras: ``in_out``) applies."""
+    lines = ["version: 1", "layout: hwc", f"conv_format: {conv_format}", "layers:"]
     for name, extra in (
         ("fc1", [f"kernel: [{SIDE}, {SIDE}]", f"in_channels: {CHANNELS}"]),
         ("head/fc2", []),
         ("predictions", []),
     ):
-        lines += [f"  - name: {name}", f"    weight: {name}/kernel", f"    bias: {name}/bias"]
+        lines.append(f"  - name: {name}")
+        if explicit:
+            lines += [f"    weight: {name}/kernel", f"    bias: {name}/bias"]
         lines += [f"    {e}" for e in extra]
     return "\n".join(lines) + "\n"
 
 
 def _convert(run_cli, source: Path, folder: Path, map_text: str) -> tuple[dict, dict]:
+    folder.mkdir(exist_ok=True)
     layer_map = folder / "map.yaml"
     layer_map.write_text(map_text)
     output = folder / "fcn.safetensors"
@@ -488,12 +490,11 @@ def _convert(run_cli, source: Path, folder: Path, map_text: str) -> tuple[dict, 
 
 
 def _conv_layers(report: dict, written: dict) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(weight, bias) of each converted layer, found by the report's output names."""
-    found = []
-    for layer in report["layers"]:
-        bias = layer.get("output_bias") or layer["output_weight"].replace(".weight", ".bias")
-        found.append((written[layer["output_weight"]], written[bias]))
-    return found
+    """(weight, bias) of each converted layer: the source names, kept."""
+    assert [(la["output_weight"], la["output_bias"]) for la in report["layers"]] == [
+        (f"{n}/kernel", f"{n}/bias") for n in ("fc1", "head/fc2", "predictions")
+    ]
+    return [(written[la["output_weight"]], written[la["output_bias"]]) for la in report["layers"]]
 
 
 def _conv_head(feature_map: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -562,3 +563,57 @@ def test_inspect_and_verify_read_keras_files(saved, tmp_path, run_cli, variant):
     assert run_cli("convert", source, "--map", layer_map, "-o", output).code == 0
     outcome = run_cli("verify", source, output, "--map", layer_map)
     assert outcome.code == 0, outcome.stderr
+
+
+def test_hwio_output_loads_into_keras_conv2d(saved, tmp_path, run_cli):
+    """``conv_format: hwio`` writes (kh, kw, in, out) kernels: Keras' own Conv2D layers
+    holding them are the fully convolutional head."""
+    report, written = _convert(run_cli, saved.files["keras"], tmp_path, _map_text("hwio"))
+    assert [la["conv_format"] for la in report["layers"]] == ["hwio"] * 3
+    layers = _conv_layers(report, written)
+    assert [w.shape for w, _ in layers] == [(SIDE, SIDE, CHANNELS, 6), (1, 1, 6, 5), (1, 1, 5, 3)]
+    head = keras.Sequential(
+        [
+            keras.Input((None, None, CHANNELS)),
+            keras.layers.Conv2D(6, SIDE, activation="relu"),
+            keras.layers.Conv2D(5, 1, activation="relu"),
+            keras.layers.Conv2D(3, 1),
+        ]
+    )
+    for conv, (weight, bias) in zip(head.layers, layers, strict=True):
+        conv.set_weights([weight, bias])
+    model = saved.model
+    images = np.random.default_rng(2).standard_normal((3, 2 * SIDE, 2 * SIDE, 3)).astype("f4")
+    features = keras.Model(model.inputs, model.get_layer("pool").output)(images)
+    scores = keras.ops.convert_to_numpy(head(features))
+    np.testing.assert_allclose(
+        scores[:, 0, 0, :], keras.ops.convert_to_numpy(model(images)), atol=1e-5
+    )
+    larger = (
+        np.random.default_rng(3).standard_normal((2, SIDE + 2, SIDE + 1, CHANNELS)).astype("f4")
+    )
+    dense = keras.ops.convert_to_numpy(head(larger))
+    assert dense.shape == (2, 3, 2, 3)
+    for i in range(3):
+        for j in range(2):
+            window = larger[:, i : i + SIDE, j : j + SIDE, :]
+            np.testing.assert_allclose(dense[:, i, j, :], _keras_head(model, window), atol=1e-5)
+
+
+def test_explicit_weight_and_bias_keys_keep_the_source_names(saved, tmp_path, run_cli):
+    implicit, _ = _convert(run_cli, saved.files["legacy_h5"], tmp_path / "a", _map_text())
+    explicit, written = _convert(
+        run_cli, saved.files["legacy_h5"], tmp_path / "b", _map_text(explicit=True)
+    )
+    names = [(la["weight"], la["output_weight"], la["output_bias"]) for la in explicit["layers"]]
+    assert names == [
+        (la["weight"], la["output_weight"], la["output_bias"]) for la in implicit["layers"]
+    ]
+    assert set(written) == set(saved.expected)
+
+
+def test_fc_weights_are_stored_in_out(saved):
+    with open_checkpoint(saved.files["weights_h5"]) as checkpoint:
+        for name, info in checkpoint.tensors.items():
+            expected = WeightFormat.IN_OUT if len(info.shape) == 2 else None
+            assert info.weight_format is expected, name

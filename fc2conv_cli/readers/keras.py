@@ -411,7 +411,10 @@ def _plan_dataset(
         raise CheckpointError(
             f"{where}: refused: declares {nbytes} bytes but stores {storage} (a shape bomb?)"
         )
-    info = TensorInfo(name, code, shape)
+    # Every Keras FC weight (a Dense kernel) is stored (in, out): said per tensor too, so
+    # it holds wherever the checkpoint-wide default is not consulted.
+    hint = WeightFormat.IN_OUT if len(shape) == 2 else None
+    info = TensorInfo(name, code, shape, hint)
     offset = dataset.id.get_offset() if dataset.chunks is None else None
     if nbytes == 0:
         return info, lambda: memoryview(b""), True
