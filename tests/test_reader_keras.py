@@ -17,7 +17,7 @@ import io
 import json
 import mmap
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -617,3 +617,166 @@ def test_fc_weights_are_stored_in_out(saved):
         for name, info in checkpoint.tensors.items():
             expected = WeightFormat.IN_OUT if len(info.shape) == 2 else None
             assert info.weight_format is expected, name
+
+
+# Sample configs: on files with exactly the names and shapes keras.applications.VGG16 saves.
+
+_VGG16_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+_VGG16_HEAD = (("fc1", 7 * 7 * 512, 4096), ("fc2", 4096, 4096), ("predictions", 4096, 1000))
+# (map, conv_format, the converted fc1 / fc2 / predictions kernels' shapes)
+SAMPLE_CONFIGS = {
+    "vgg16_keras": ("oihw", [(4096, 512, 7, 7), (4096, 4096, 1, 1), (1000, 4096, 1, 1)]),
+    "vgg16_keras_hwio": ("hwio", [(7, 7, 512, 4096), (1, 1, 4096, 4096), (1, 1, 4096, 1000)]),
+}
+_Layer = tuple[str, str, list[tuple[str, tuple[int, ...]]]]  # class, name, variables
+
+
+def _vgg16_layers() -> list[_Layer]:
+    """keras.applications.VGG16's layers in order: class, name, (variable, shape)s."""
+    layers: list[_Layer] = [("InputLayer", "input_layer", [])]
+    channels = 3
+    for block, widths in enumerate(_VGG16_BLOCKS, 1):
+        for index, width in enumerate(widths, 1):
+            variables = [("kernel", (3, 3, channels, width)), ("bias", (width,))]
+            layers.append(("Conv2D", f"block{block}_conv{index}", variables))
+            channels = width
+        layers.append(("MaxPooling2D", f"block{block}_pool", []))
+    layers.append(("Flatten", "flatten", []))
+    for name, fan_in, width in _VGG16_HEAD:
+        layers.append(("Dense", name, [("kernel", (fan_in, width)), ("bias", (width,))]))
+    return layers
+
+
+Fill = Callable[[tuple[int, ...]], np.ndarray] | None  # values, or None: shapes only
+
+
+def _dataset(group, key: str, shape: tuple[int, ...], fill: Fill) -> None:
+    if fill is None:  # declared, never written: HDF5 stores no data for it
+        group.create_dataset(key, shape=shape, dtype="f2")
+    else:
+        group.create_dataset(key, data=fill(shape))
+
+
+def _write_vgg16_weights_h5(target: Path | io.BytesIO, fill: Fill) -> None:
+    """A Keras 3 ``.weights.h5`` as ``save_weights`` writes VGG16's."""
+    used: dict[str, int] = {}
+    with h5py.File(target, "w") as file:
+        file.create_group("vars").attrs["name"] = "vgg16"
+        for cls, name, variables in _vgg16_layers():
+            snake = {"InputLayer": "input_layer", "MaxPooling2D": "max_pooling2d"}.get(
+                cls, cls.lower()
+            )
+            used[snake] = used.get(snake, -1) + 1
+            key = snake if used[snake] == 0 else f"{snake}_{used[snake]}"
+            group = file.create_group(f"layers/{key}/vars")
+            group.attrs["name"] = name
+            for index, (_, shape) in enumerate(variables):
+                _dataset(group, str(index), shape, fill)
+
+
+def _vgg16_config() -> dict:
+    layers = [{"class_name": c, "config": {"name": n}, "name": n} for c, n, _ in _vgg16_layers()]
+    return {"class_name": "Functional", "config": {"name": "vgg16", "layers": layers}}
+
+
+def _write_vgg16(folder: Path, variant: str, fill: Fill) -> Path:
+    """VGG16 as ``.weights.h5``, ``.keras`` or legacy ``.h5`` (Keras 3's own layouts)."""
+    if variant == "weights_h5":
+        path = folder / "vgg16.weights.h5"
+        _write_vgg16_weights_h5(path, fill)
+    elif variant == "keras":
+        path = folder / "vgg16.keras"
+        buffer = io.BytesIO()
+        _write_vgg16_weights_h5(buffer, fill)
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("metadata.json", json.dumps({"keras_version": "3.15.1"}))
+            archive.writestr("config.json", json.dumps(_vgg16_config()))
+            archive.writestr("model.weights.h5", buffer.getvalue())
+    else:
+        path = folder / "vgg16.h5"
+        with h5py.File(path, "w") as file:
+            file.attrs["model_config"] = json.dumps(_vgg16_config())
+            group = file.create_group("model_weights")
+            group.attrs["layer_names"] = [name.encode() for _, name, _ in _vgg16_layers()]
+            for _, name, variables in _vgg16_layers():
+                layer = group.create_group(name)
+                weights = [f"{name}/{var}".encode() for var, _ in variables]
+                layer.attrs["weight_names"] = weights if weights else np.zeros(0)
+                for var, shape in variables:
+                    _dataset(layer, f"{name}/{var}", shape, fill)
+    return path
+
+
+@pytest.mark.parametrize("variant", ["keras", "weights_h5", "legacy_h5"])
+@pytest.mark.parametrize("config", list(SAMPLE_CONFIGS))
+def test_sample_config_plans_vgg16_as_keras_saves_it(tmp_path, run_cli, config, variant):
+    source = _write_vgg16(tmp_path, variant, fill=None)
+    assert source.stat().st_size < 1 << 20  # shapes only: no data stored
+    with open_checkpoint(source) as checkpoint:
+        assert {n: i.shape for n, i in checkpoint.tensors.items()} == {
+            f"{name}/{var}": shape for _, name, vs in _vgg16_layers() for var, shape in vs
+        }
+    conv_format, shapes = SAMPLE_CONFIGS[config]
+    report_path = tmp_path / "plan.json"
+    outcome = run_cli(
+        "convert", source, "--map", ROOT / "sample_configs" / f"{config}.yaml",
+        "-o", tmp_path / "fcn.safetensors", "--dry-run", "--json", report_path,
+    )  # fmt: skip
+    assert outcome.code == 0, outcome.stderr
+    report = json.loads(report_path.read_text())
+    assert report["copied"] == 26  # 13 convs' kernels and biases
+    assert [
+        (la["weight"], la["output_weight"], la["output_bias"], la["old_shape"], la["new_shape"])
+        for la in report["layers"]
+    ] == [
+        (f"{n}/kernel", f"{n}/kernel", f"{n}/bias", [fan_in, width], list(shape))
+        for (n, fan_in, width), shape in zip(_VGG16_HEAD, shapes, strict=True)
+    ]
+    for layer in report["layers"]:
+        assert (layer["layout"], layer["weight_format"]) == ("hwc", "in_out")
+        assert layer["conv_format"] == conv_format
+
+
+@pytest.fixture(scope="module")
+def vgg16_weights(tmp_path_factory) -> Iterator[Path]:
+    """A real-sized VGG16 ``.weights.h5`` with random float16 values (about 270 MB),
+    deleted after the tests that use it."""
+    rng = np.random.default_rng(5)
+
+    def fill(shape: tuple[int, ...]) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.01).astype("f2")
+
+    path = _write_vgg16(tmp_path_factory.mktemp("vgg16"), "weights_h5", fill)
+    yield path
+    path.unlink()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", list(SAMPLE_CONFIGS))
+def test_sample_config_converts_real_sized_vgg16(vgg16_weights, tmp_path, run_cli, config):
+    output = tmp_path / "fcn.safetensors"
+    report_path = tmp_path / "report.json"
+    layer_map = ROOT / "sample_configs" / f"{config}.yaml"
+    outcome = run_cli(
+        "convert", vgg16_weights, "--map", layer_map, "-o", output, "--json", report_path
+    )
+    assert outcome.code == 0, outcome.stderr
+    report = json.loads(report_path.read_text())
+    assert report["ok"] and report["checked"] and report["published"]
+    assert all(la["ok"] and la["max_abs_diff"] < 1e-9 for la in report["layers"])
+    written = load_file(str(output))
+    conv_format, shapes = SAMPLE_CONFIGS[config]
+    with open_checkpoint(vgg16_weights) as checkpoint:
+        for (name, _, width), shape in zip(_VGG16_HEAD, shapes, strict=True):
+            kernel = checkpoint.array(f"{name}/kernel")
+            side = 7 if name == "fc1" else 1
+            # Written out by hand: (in, out) with in = h, w, c (hwc flatten).
+            by_hand = kernel.reshape(side, side, -1, width)
+            if conv_format == "oihw":
+                by_hand = by_hand.transpose(3, 2, 0, 1)
+            assert written[f"{name}/kernel"].shape == shape
+            assert np.array_equal(written[f"{name}/kernel"], by_hand), name
+            assert np.array_equal(written[f"{name}/bias"], checkpoint.array(f"{name}/bias"))
+        for name in checkpoint.tensors:
+            if name.startswith("block"):
+                assert written[name].tobytes() == bytes(checkpoint.raw(name)), name
