@@ -330,6 +330,25 @@ def _strip_name_attributes(h5_bytes: bytes, target: Path | io.BytesIO) -> None:
         assert "vars" in named and "layers/dense/vars" in named
 
 
+def test_hdf5_suffix_and_keras_2_13_group_name(saved, tmp_path):
+    """``.hdf5`` is read like ``.h5``; Keras 2.13's ``.keras`` format named the layer list
+    ``_layer_checkpoint_dependencies`` where Keras 3 says ``layers``."""
+    hdf5 = tmp_path / "model.hdf5"
+    hdf5.write_bytes(saved.files["legacy_h5"].read_bytes())
+    with open_checkpoint(hdf5) as checkpoint:
+        _assert_same_tensors(checkpoint, saved.expected)
+    old_style = tmp_path / "old.weights.h5"
+    old_style.write_bytes(saved.files["weights_h5"].read_bytes())
+    with h5py.File(old_style, "a") as file:
+        file.move("layers", "_layer_checkpoint_dependencies")
+        file.move(
+            "_layer_checkpoint_dependencies/sequential/layers",
+            "_layer_checkpoint_dependencies/sequential/_layer_checkpoint_dependencies",
+        )
+    with open_checkpoint(old_style) as checkpoint:
+        _assert_same_tensors(checkpoint, saved.expected)
+
+
 def test_bfloat16_is_kept(tmp_path):
     keras.utils.set_random_seed(2)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, dtype="bfloat16", name="d")])
