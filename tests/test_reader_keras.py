@@ -423,6 +423,14 @@ def _missing_weight(saved: Saved, target: Path) -> Path:
     return path
 
 
+def _layer_listed_twice(saved: Saved, target: Path) -> Path:
+    path = write_keras2(target, saved.model, full=False)
+    with h5py.File(path, "a") as file:
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in file.attrs["layer_names"]]
+        file.attrs["layer_names"] = [name.encode() for name in [*names, "fc1"]]
+    return path
+
+
 BAD_INPUTS = {
     "truncated .h5": (lambda s, d: _truncated(s.files["legacy_h5"], d / "t.h5"), "truncated"),
     "truncated .keras": (lambda s, d: _truncated(s.files["keras"], d / "t.keras"), "truncated"),
@@ -451,6 +459,10 @@ BAD_INPUTS = {
     "external link": (
         lambda s, d: _with_link("external")(s, d / "ext.weights.h5"),
         "is an external link",
+    ),
+    "layer listed twice": (
+        lambda s, d: _layer_listed_twice(s, d / "twice.h5"),
+        "two variables are both named 'fc1/kernel'",
     ),
     "missing weight": (
         lambda s, d: _missing_weight(s, d / "missing.h5"),

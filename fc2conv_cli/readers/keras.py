@@ -347,11 +347,11 @@ def _loaded(
     tensors: dict[str, TensorInfo] = {}
     loaders: dict[str, Callable[[], memoryview]] = {}
     places: dict[str, str] = {}
-    skipped, copied = [], []
+    skipped, in_memory = [], []
     for entry in entries:
         if entry.name in places:
             raise CheckpointError(
-                f"{path}: two variables are both named {shown(entry.name)!r} "
+                f"{path}: two variables are both named {entry.name!r} "
                 f"({shown(places[entry.name])} and {shown(entry.where)})"
             )
         planned = _plan_dataset(path, source, entry)
@@ -363,13 +363,13 @@ def _loaded(
         tensors[entry.name] = info
         loaders[entry.name] = loader
         if not mapped:
-            copied.append(entry.name)
+            in_memory.append(entry.name)
     if skipped:
         notes.append(f"left out {len(skipped)} non-numeric variables: {', '.join(skipped)}")
-    if copied:
+    if in_memory:
         notes.append(
-            f"{len(copied)} variables are chunked, compressed or byte-swapped in the HDF5 "
-            f"file, read into memory when used: {', '.join(copied)}"
+            f"{len(in_memory)} variables are chunked, compressed or byte-swapped in the HDF5 "
+            f"file, read into memory when used: {', '.join(in_memory)}"
         )
     if not tensors:
         source.close()
@@ -390,7 +390,7 @@ def _plan_dataset(
     import numpy as np
 
     dataset, name = entry.dataset, entry.name
-    where = f"{path}: variable {shown(name)!r} ({shown(entry.where)})"
+    where = f"{path}: variable {name!r} ({shown(entry.where)})"
     if dataset.external:
         raise CheckpointError(f"{where}: refused: its data is in another file (external)")
     if dataset.is_virtual:
@@ -447,7 +447,7 @@ def _legacy_entries(path: Path, h5py: Any, group: Any) -> list[_Entry]:
     """The variables of a ``layer_names`` / ``weight_names`` group, in the file's order."""
     entries = []
     layers = _string_list(path, group, "layer_names")
-    if "top_level_model_weights" in group:
+    if "top_level_model_weights" in group and "top_level_model_weights" not in layers:
         layers.append("top_level_model_weights")
     for layer in layers:
         layer_group = _group(path, h5py, group, layer)
@@ -455,7 +455,7 @@ def _legacy_entries(path: Path, h5py: Any, group: Any) -> list[_Entry]:
             where = f"{layer}/{weight}"
             if weight not in layer_group:
                 raise CheckpointError(
-                    f"{path}: layer {shown(layer)!r} lists weight {shown(weight)!r}, which is "
+                    f"{path}: layer {layer!r} lists weight {weight!r}, which is "
                     "not in the file (truncated or corrupt?)"
                 )
             dataset = _dataset(path, h5py, layer_group, weight)
