@@ -646,8 +646,7 @@ def test_explicit_weight_and_bias_keys_keep_the_source_names(saved, tmp_path, ru
 def test_fc_weights_are_stored_in_out(saved):
     with open_checkpoint(saved.files["weights_h5"]) as checkpoint:
         for name, info in checkpoint.tensors.items():
-            expected = WeightFormat.IN_OUT if len(info.shape) == 2 else None
-            assert info.weight_format is expected, name
+            assert info.weight_format is WeightFormat.IN_OUT, name
 
 
 # Sample configs: on files with exactly the names and shapes keras.applications.VGG16 saves.

@@ -411,10 +411,8 @@ def _plan_dataset(
         raise CheckpointError(
             f"{where}: refused: declares {nbytes} bytes but stores {storage} (a shape bomb?)"
         )
-    # Every Keras FC weight (a Dense kernel) is stored (in, out): said per tensor too, so
-    # it holds wherever the checkpoint-wide default is not consulted.
-    hint = WeightFormat.IN_OUT if len(shape) == 2 else None
-    info = TensorInfo(name, code, shape, hint)
+    # Every Keras FC weight (a Dense kernel) is stored (in, out), as each tensor says too.
+    info = TensorInfo(name, code, shape, WeightFormat.IN_OUT)
     offset = dataset.id.get_offset() if dataset.chunks is None else None
     if nbytes == 0:
         return info, lambda: memoryview(b""), True
