@@ -280,7 +280,7 @@ def test_batch_norm_without_center_is_named_from_the_config(tmp_path):
 
 
 def test_names_without_name_attributes(saved, tmp_path):
-    """Keras 3 before 3.4 saved no ``name`` attribute: a ``.keras`` file names layers
+    """Keras 3 before 3.6 saved no ``name`` attribute: a ``.keras`` file names layers
     from config.json (Keras' group names count each class in model order); a bare
     ``.weights.h5`` can only use the group names, which are Keras' class-based ones."""
     bare = tmp_path / "bare.weights.h5"

@@ -14,7 +14,7 @@ What each file holds (after Keras' ``saving_lib.py`` and ``legacy_h5_format.py``
 - Weights-only Keras 2 ``.h5`` (``save_weights``): the same layer groups at the root.
 - Keras 3 ``.weights.h5``: one ``vars`` group per layer, at the path Keras walks to it
   (``layers/dense_1/vars``), its datasets numbered in the layer's variable order. The
-  layer's name is the ``vars`` group's ``name`` attribute (Keras >= 3.4), else the config's,
+  layer's name is the ``vars`` group's ``name`` attribute (Keras >= 3.6), else the config's,
   else the group's own name; the variable names come from the layer's class (from
   ``config.json``, or from the group name, ``dense_1`` -> Dense) and its config.
 - ``.keras``: a zip with ``config.json`` and ``model.weights.h5``.
