@@ -153,3 +153,16 @@ def test_the_cli_lists_every_reader_format():
     from fc2conv_cli.readers import FORMATS
 
     assert cli._FORMATS == FORMATS  # the CLI keeps its own copy so --help imports no reader
+
+
+def test_importing_every_reader_imports_no_format_library():
+    from fc2conv_cli.readers import FORMATS
+
+    libraries = ("torch", "h5py", "onnx", "google.protobuf", "keras", "cv2", "onnxruntime")
+    result = run_python(
+        "import importlib, sys\n"
+        f"for name in {FORMATS!r}:\n"
+        "    importlib.import_module('fc2conv_cli.readers.' + name)\n"
+        f"print(sorted(m for m in {libraries!r} if m in sys.modules))\n"
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
