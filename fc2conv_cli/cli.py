@@ -131,6 +131,7 @@ sample-configs); `fc2conv schema map` prints its JSON Schema, for editors.
 Example map (shipped as vgg16):
   version: 1
   layout: chw
+  weight_format: out_in
   layers:
     - {name: classifier.0, rename: fc6, kernel: [7, 7], in_channels: 512}
     - {name: classifier.3, rename: fc7}

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from jsonschema import Draft202012Validator
+from jsonschema import Draft7Validator, Draft202012Validator
 from test_properties import HOSTILE_SCALARS, TEXT, VALID_MAP, VALUES, _random_document
 
 from fc2conv_cli import layer_map, manifest
@@ -36,6 +36,9 @@ from fc2conv_cli.schema import (
 
 MAP = Draft202012Validator(layer_map_schema())
 MANIFEST = Draft202012Validator(manifest_schema())
+# Editors' yaml-language-server implements draft 7: the schema uses only keywords that
+# mean the same there, so both drafts give the same verdict.
+MAP_DRAFT7 = Draft7Validator(layer_map_schema())
 SETTINGS = settings(
     max_examples=400,
     deadline=None,
@@ -75,6 +78,7 @@ def _assert_agree(text: str) -> None:
         return  # not a document: the YAML parser's refusal, before either validator
     problems = _validator_problems(text)
     schema_errors = [e.message for e in MAP.iter_errors(doc)]
+    assert MAP_DRAFT7.is_valid(doc) == (not schema_errors), text
     if not problems:
         assert schema_errors == [], (text, schema_errors)
     elif not all(ACROSS_KEYS.search(p) for p in problems) and not _has_integral_float(doc):
@@ -305,3 +309,70 @@ def test_language_server_line_is_relative_to_the_map(tmp_path):
     line = language_server_line(schema, tmp_path / "maps")
     assert line == "# yaml-language-server: $schema=../schemas/map.schema.json\n"
     assert language_server_line(tmp_path / "s.json", tmp_path).endswith("$schema=s.json\n")
+
+
+# ------------------------------------------------------------- where users meet the map
+
+
+def _small_checkpoint(folder: Path) -> Path:
+    """A conv backbone (8 channels) and one FC over its 2x2 map: inspect suggests a map."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    path = folder / "small.safetensors"
+    tensors = {
+        "features.0.weight": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+        "classifier.0.weight": rng.standard_normal((10, 32)).astype(np.float32),
+        "classifier.0.bias": np.zeros(10, np.float32),
+    }
+    save_file(tensors, str(path))
+    return path
+
+
+def test_inspect_schema_out_writes_the_schema_and_points_the_map_at_it(run_cli, tmp_path):
+    source = _small_checkpoint(tmp_path)
+    (tmp_path / "maps").mkdir()
+    (tmp_path / "schemas").mkdir()
+    map_path, schema_path = tmp_path / "maps" / "m.yaml", tmp_path / "schemas" / "map.json"
+    result = run_cli("inspect", source, "-o", map_path, "--schema-out", schema_path)
+    assert result.code == 0, result.stderr
+    assert schema_path.read_text() == schema_text("map")
+    text = map_path.read_text()
+    first, rest = text.split("\n", 1)
+    assert first == "# yaml-language-server: $schema=../schemas/map.json"
+    assert rest.startswith("# Layer map suggested by")
+    assert list(MAP.iter_errors(load_yaml(text))) == []
+    converted = run_cli("convert", source, "--map", map_path, "-o", tmp_path / "o.safetensors")
+    assert converted.code == 0, converted.stderr
+    # Both files exist now: replacing either needs --force; nothing is written without it.
+    again = run_cli("inspect", source, "-o", tmp_path / "new.yaml", "--schema-out", schema_path)
+    assert again.code == 2 and "already exists; pass --force" in again.stderr
+    assert not (tmp_path / "new.yaml").exists()
+    same = run_cli("inspect", source, "-o", map_path, "--schema-out", map_path, "--force")
+    assert same.code == 2 and "--schema-out and -o name the same file" in same.stderr
+
+
+def test_a_map_on_stdout_points_at_the_schema_from_the_current_folder(
+    run_cli, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    source = _small_checkpoint(tmp_path)
+    result = run_cli("inspect", source, "--schema-out", "fc2conv-map.schema.json")
+    assert result.code == 0, result.stderr
+    assert result.stdout.startswith("# yaml-language-server: $schema=fc2conv-map.schema.json\n")
+    assert (tmp_path / "fc2conv-map.schema.json").read_text() == schema_text("map")
+    plain = run_cli("inspect", source, "--suggest-map")
+    assert plain.stdout.startswith("# Layer map suggested by")  # no schema, no pointer
+
+
+def test_convert_help_ends_with_every_map_key_and_an_example(run_cli):
+    help_text = run_cli("convert", "--help").stdout
+    reference = help_text[help_text.index("The layer map (YAML)") : help_text.index("Options:")]
+    for key in (*layer_map._TOP_KEYS, *layer_map._LAYER_KEYS):
+        assert re.search(rf"^\s+(- )?{key}: ", reference, re.MULTILINE), key
+    example = reference[reference.index("Example map (shipped as vgg16):") :].split("\n", 1)[1]
+    lines = [line for line in example.splitlines() if line.strip()]
+    indent = min(len(line) - len(line.lstrip()) for line in lines)
+    parsed = parse_layer_map("\n".join(line[indent:] for line in lines), "help")
+    assert parsed.rules == layer_map.read_layer_map(Path("vgg16")).rules
