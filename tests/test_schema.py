@@ -376,3 +376,12 @@ def test_convert_help_ends_with_every_map_key_and_an_example(run_cli):
     indent = min(len(line) - len(line.lstrip()) for line in lines)
     parsed = parse_layer_map("\n".join(line[indent:] for line in lines), "help")
     assert parsed.rules == layer_map.read_layer_map(Path("vgg16")).rules
+
+
+def test_a_layer_layout_given_as_null_is_refused_not_dropped():
+    problems = _validator_problems(
+        "version: 1\nlayout: chw\nlayers: [{name: a, layout: null}, {name: b}]\n"
+    )
+    assert problems == [
+        "map.yaml: layers[0] (a): layout: expected the flatten order feeding the first FC, e.g. chw"
+    ]
