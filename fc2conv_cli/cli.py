@@ -484,10 +484,12 @@ def sample_configs_command(name: str | None) -> int:
 
 
 def _summary(path: Path) -> str:
-    """A sample map's opening comment up to its first colon: what network it is for."""
+    """A sample map's opening comment up to its first colon (what network it is for),
+    at most 64 characters."""
     lines = path.read_text(encoding="utf-8").splitlines()
     comment = " ".join(line.lstrip("# ").strip() for line in lines if line.startswith("#"))
-    return comment.split(": ")[0]
+    summary = comment.split(": ")[0]
+    return summary if len(summary) <= 64 else summary[:61].rsplit(" ", 1)[0] + " ..."
 
 
 _SCHEMA_HELP = """Print the JSON Schema (draft 2020-12) of a layer map or a batch manifest.

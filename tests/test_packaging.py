@@ -26,7 +26,8 @@ from fc2conv_cli.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH_HINT = "error: reading .pth needs torch: pip install 'fc2conv[torch]'\n"
-SHIPPED = ("alexnet", "vgg11", "vgg16", "vgg16_keras", "vgg19")
+# The checkout's (or the unpacked sdist's) sample maps: what an install must ship.
+SHIPPED = tuple(sorted(p.stem for p in (ROOT / "fc2conv_cli" / "sample_configs").glob("*.yaml")))
 
 
 def _hwc_checkpoint(folder: Path) -> tuple[Path, Path, np.ndarray]:
@@ -52,6 +53,7 @@ def _torch_file(path: Path) -> Path:
 
 
 def test_sample_maps_ship_inside_the_package():
+    assert {"alexnet", "vgg11", "vgg16", "vgg16_keras", "vgg19"} <= set(SHIPPED)
     assert tuple(sample_configs()) == SHIPPED
     assert SAMPLE_CONFIGS.parent == Path(__import__("fc2conv_cli").__file__).resolve().parent
     for path in sample_configs().values():
@@ -75,7 +77,7 @@ def test_fc2conv_sample_configs_lists_and_prints_them(run_cli):
     assert shown.stdout == (SAMPLE_CONFIGS / "vgg16.yaml").read_text()
     missing = run_cli("sample-configs", "vgg17")
     assert missing.code == 2 and missing.stdout == ""
-    assert missing.stderr.count("\n") == 1 and "shipped: alexnet, vgg11" in missing.stderr
+    assert missing.stderr.count("\n") == 1 and f"shipped: {', '.join(SHIPPED)}" in missing.stderr
 
 
 def test_a_bare_name_finds_the_shipped_map_and_a_local_file_wins(tmp_path, monkeypatch):
@@ -105,8 +107,7 @@ def test_every_command_with_a_map_takes_a_shipped_name(run_cli, tmp_path, monkey
         result = run_cli(*args)
         assert result.code == 2
         assert result.stderr == (
-            "error: vgg17: layer map not found, nor a shipped sample map "
-            "(alexnet, vgg11, vgg16, vgg16_keras, vgg19)\n"
+            f"error: vgg17: layer map not found, nor a shipped sample map ({', '.join(SHIPPED)})\n"
         )
     (tmp_path / "manifest.yaml").write_text(
         "version: 1\noutput_dir: out\njobs: [{inputs: '*.safetensors', map: alexnet}]\n"
