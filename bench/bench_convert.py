@@ -36,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "_work"
-VGG16_MAP = ROOT / "sample_configs" / "vgg16.yaml"
+VGG16_MAP = ROOT / "fc2conv_cli" / "sample_configs" / "vgg16.yaml"
 SAMPLE_INTERVAL_S = 0.010
 MIB = 1 << 20
 

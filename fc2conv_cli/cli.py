@@ -95,11 +95,47 @@ copied tensor byte for byte.
 
 \b
 Example:
-  fc2conv convert vgg16.pth --map sample_configs/vgg16.yaml -o vgg16_fcn.safetensors
+  fc2conv convert vgg16.pth --map vgg16 -o vgg16_fcn.safetensors
 
 \b
 Exit codes: 0 done, every check passed; 1 a check failed (nothing written);
 2 bad input or usage (nothing written); 3 internal error (please report it).
+
+\b
+The layer map (YAML). --map takes its path, or a shipped map's name (fc2conv
+sample-configs); `fc2conv schema map` prints its JSON Schema, for editors.
+  version: 1               required
+  layout: chw              required: the flatten order feeding the first FC,
+                           slowest axis first: chw (torch), hwc (Keras NHWC),
+                           whc, cl, cdhw, ...
+  weight_format: out_in    FC weights (out, in), or in_out (in, out) as Keras
+                           Dense kernels; default: the checkpoint's stored one
+  conv_format: oihw        conv weights written oihw (torch, the default) or
+                           hwio (Keras / TF)
+  strip_prefix: module.    a prefix, or a list, removed from every tensor name
+  state_dict_key: model    the nested state dict of a training checkpoint
+  layers:                  required: the FC layers, first FC first
+    - name: classifier.0   required: finds NAME.weight or NAME/kernel (or
+                           :0 variants) and the matching bias, if any
+      rename: fc6          output prefix instead of NAME (default: keep names)
+      kernel: [7, 7]       the conv kernel: the first FC's input window;
+                           default ones, a 1x1 conv (later FCs)
+      in_channels: 512     default: in_features / prod(kernel)
+      layout: hwc          a layer's own layout, weight_format and
+      weight_format: in_out
+      conv_format: hwio    conv_format override the map's
+      weight: fc1/kernel   full tensor names, when NAME does not find them
+      bias: fc1/bias
+
+\b
+Example map (shipped as vgg16):
+  version: 1
+  layout: chw
+  weight_format: out_in
+  layers:
+    - {name: classifier.0, rename: fc6, kernel: [7, 7], in_channels: 512}
+    - {name: classifier.3, rename: fc7}
+    - {name: classifier.6, rename: fc8}
 """
 
 
@@ -120,7 +156,7 @@ def cli() -> None:
     "map_path",
     required=True,
     type=_PATH,
-    help="YAML layer map: which FC layers, their kernel and flatten layout (see README).",
+    help="YAML layer map (its keys: at the end of this help), or a shipped map's name.",
 )
 @click.option(
     "-o",
@@ -196,11 +232,13 @@ first FC's kernel and in_channels from the conv that feeds it, guesses the flatt
 order from the weights (trained weights are smooth over neighbouring positions; random
 weights cannot tell, and on a square map h/w-swapped orders cannot be told apart), and
 writes a commented map that converts as written. The map goes to -o MAP.yaml, or to
-stdout (the table then goes to stderr).
+stdout (the table then goes to stderr). --schema-out writes the map's JSON Schema and
+starts the map with a `# yaml-language-server: $schema=` line pointing to it, so
+editors validate and complete the map.
 
 \b
 Example:
-  fc2conv inspect vgg16.pth --suggest-map -o vgg16.yaml
+  fc2conv inspect vgg16.pth -o vgg16.yaml --schema-out fc2conv-map.schema.json
 """
 
 
@@ -214,13 +252,22 @@ Example:
     type=_PATH,
     help="Write the suggested map here (implies --suggest-map).",
 )
-@click.option("--force", is_flag=True, help="Replace the -o file if it exists.")
+@click.option(
+    "--schema-out",
+    "schema_output",
+    metavar="PATH",
+    type=_PATH,
+    help="Write the map's JSON Schema to PATH (e.g. next to the map) and point the map's "
+    "first line at it, for editors (implies --suggest-map).",
+)
+@click.option("--force", is_flag=True, help="Replace the -o (and --schema-out) file if it exists.")
 @_json_option
 @_format_option
 def inspect(
     input_path: Path,
     suggest_map: bool,
     map_output: Path | None,
+    schema_output: Path | None,
     force: bool,
     json_path: str | None,
     input_format: str | None,
@@ -228,12 +275,14 @@ def inspect(
     from fc2conv_cli import report
     from fc2conv_cli.pipeline import inspect
 
-    suggest_map = suggest_map or map_output is not None
+    suggest_map = suggest_map or map_output is not None or schema_output is not None
     map_to_stdout = suggest_map and map_output is None
     if map_to_stdout and json_path == "-":
         raise click.UsageError("--json - and a map on stdout collide: give the map -o MAP.yaml")
-    report.check_json_path(json_path, input_path, map_output)
-    result = inspect(input_path, suggest_map, map_output, force, input_format)
+    if schema_output and map_output and schema_output.absolute() == map_output.absolute():
+        raise click.UsageError("--schema-out and -o name the same file")
+    report.check_json_path(json_path, input_path, map_output, schema_output)
+    result = inspect(input_path, suggest_map, map_output, force, input_format, schema_output)
     report.render_inspect(report.make_console(stderr=map_to_stdout or json_path == "-"), result)
     if map_to_stdout:
         report.write_stdout(result.suggestion.text)
@@ -250,7 +299,7 @@ nothing may be missing or extra. Prints the same table (and --json) as convert.
 
 \b
 Example:
-  fc2conv verify vgg16.pth vgg16_fcn.safetensors --map sample_configs/vgg16.yaml
+  fc2conv verify vgg16.pth vgg16_fcn.safetensors --map vgg16
 
 \b
 Exit codes: 0 all good; 1 any difference (the table and the error line say which);
@@ -266,7 +315,7 @@ Exit codes: 0 all good; 1 any difference (the table and the error line say which
     "map_path",
     required=True,
     type=_PATH,
-    help="The layer map the file was converted with.",
+    help="The layer map the file was converted with (a path, or a shipped map's name).",
 )
 @_json_option
 @_atol_option
@@ -305,12 +354,12 @@ under output_dir with the suffix .safetensors):
   output_dir: converted/
   jobs:
     - inputs: "vgg16/**/*.pth"
-      map: ../sample_configs/vgg16.yaml
+      map: vgg16            # a path, or a shipped map's name
 
 \b
 Examples:
   fc2conv batch zoo/manifest.yaml --jobs 4
-  fc2conv batch --map sample_configs/vgg16.yaml -o converted/ ckpts/*.pth
+  fc2conv batch --map vgg16 -o converted/ ckpts/*.pth
 
 \b
 Exit codes: 0 every file converted or up to date; 1 a file failed or a check failed;
@@ -333,7 +382,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
     "--map",
     "map_path",
     type=_PATH,
-    help="Layer map for INPUT files (instead of a manifest).",
+    help="Layer map for INPUT files (instead of a manifest): a path or a shipped name.",
 )
 @click.option(
     "-o",
@@ -399,6 +448,73 @@ def batch(
     if json_path:
         report.write_json(json_path, report.batch_json(result))
     return result.exit_code
+
+
+_SAMPLE_CONFIGS_HELP = """List the layer maps shipped with fc2conv; with NAME, print that map.
+
+Every --map (convert, verify, batch) and a manifest's map: take a shipped map's name
+in place of a path: a bare name, with no folder and no .yaml suffix, that is not a file
+in the current folder (or the manifest's).
+
+\b
+Examples:
+  fc2conv sample-configs
+  fc2conv sample-configs vgg16 > my_vgg16.yaml
+  fc2conv convert vgg16.pth --map vgg16 -o vgg16_fcn.safetensors
+"""
+
+
+@cli.command("sample-configs", help=_SAMPLE_CONFIGS_HELP)
+@click.argument("name", required=False)
+def sample_configs_command(name: str | None) -> int:
+    from fc2conv_cli.layer_map import sample_configs
+    from fc2conv_cli.report import write_stdout
+
+    configs = sample_configs()
+    if name is None:
+        width = max(map(len, configs))
+        write_stdout("".join(f"{n:<{width}}  {_summary(p)}\n" for n, p in configs.items()))
+        return 0
+    if name not in configs:
+        raise click.BadParameter(
+            f"no shipped map {name!r}; shipped: {', '.join(configs)}", param_hint="NAME"
+        )
+    write_stdout(configs[name].read_text(encoding="utf-8"))
+    return 0
+
+
+def _summary(path: Path) -> str:
+    """A sample map's opening comment up to its first colon (what network it is for),
+    at most 64 characters."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    comment = " ".join(line.lstrip("# ").strip() for line in lines if line.startswith("#"))
+    summary = comment.split(": ")[0]
+    return summary if len(summary) <= 64 else summary[:61].rsplit(" ", 1)[0] + " ..."
+
+
+_SCHEMA_HELP = """Print the JSON Schema (draft 2020-12) of a layer map or a batch manifest.
+
+Editors that use yaml-language-server (VS Code's YAML extension, Neovim, Helix, ...)
+then validate and complete a map that starts with a line naming the schema file:
+
+\b
+  fc2conv schema map > fc2conv-map.schema.json
+  # first line of my_map.yaml:
+  # yaml-language-server: $schema=fc2conv-map.schema.json
+
+`fc2conv inspect CKPT -o MAP.yaml --schema-out PATH` writes both. The checks fc2conv
+runs on a map stay the final word.
+"""
+
+
+@cli.command(help=_SCHEMA_HELP)
+@click.argument("kind", type=click.Choice(["map", "manifest"]))
+def schema(kind: str) -> int:
+    from fc2conv_cli.report import write_stdout
+    from fc2conv_cli.schema import schema_text
+
+    write_stdout(schema_text(kind))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

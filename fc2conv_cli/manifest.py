@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from fc2conv_cli.errors import ManifestError
-from fc2conv_cli.layer_map import load_yaml, yaml_problem
+from fc2conv_cli.layer_map import load_yaml, resolve_map_path, yaml_problem
 
 __all__ = ["BatchItem", "items_from_inputs", "read_manifest", "select_shard"]
 
@@ -115,9 +115,9 @@ def _expand_job(
         problems.append(f"{where}: inputs: expected a glob such as 'vgg16/**/*.pth'")
         return []
     if not isinstance(map_name, str) or not map_name.strip():
-        problems.append(f"{where}: map: expected the path of a layer map")
+        problems.append(f"{where}: map: expected the path of a layer map, or a shipped map's name")
         return []
-    map_path = folder / map_name
+    map_path = resolve_map_path(Path(map_name), folder)  # or a shipped map by bare name
     if not map_path.is_file():
         problems.append(f"{where}: map: {map_path} does not exist")
     if Path(pattern).is_absolute() or ".." in Path(pattern).parts:

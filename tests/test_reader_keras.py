@@ -749,7 +749,7 @@ def test_sample_config_plans_vgg16_as_keras_saves_it(tmp_path, run_cli, config, 
     conv_format, shapes = SAMPLE_CONFIGS[config]
     report_path = tmp_path / "plan.json"
     outcome = run_cli(
-        "convert", source, "--map", ROOT / "sample_configs" / f"{config}.yaml",
+        "convert", source, "--map", ROOT / "fc2conv_cli" / "sample_configs" / f"{config}.yaml",
         "-o", tmp_path / "fcn.safetensors", "--dry-run", "--json", report_path,
     )  # fmt: skip
     assert outcome.code == 0, outcome.stderr
@@ -786,7 +786,7 @@ def vgg16_weights(tmp_path_factory) -> Iterator[Path]:
 def test_sample_config_converts_real_sized_vgg16(vgg16_weights, tmp_path, run_cli, config):
     output = tmp_path / "fcn.safetensors"
     report_path = tmp_path / "report.json"
-    layer_map = ROOT / "sample_configs" / f"{config}.yaml"
+    layer_map = ROOT / "fc2conv_cli" / "sample_configs" / f"{config}.yaml"
     outcome = run_cli(
         "convert", vgg16_weights, "--map", layer_map, "-o", output, "--json", report_path
     )

@@ -21,6 +21,7 @@ ORDER = [
     "guess",
     "layer_map",
     "manifest",
+    "schema",
     "readers",
     "plan",
     "suggest",
