@@ -23,13 +23,20 @@ import yaml
 
 from fc2conv_cli.errors import ManifestError
 from fc2conv_cli.layer_map import load_yaml, yaml_problem
-from fc2conv_cli.readers.detect import FORMATS, suffix_format
 
 __all__ = ["BatchItem", "items_from_inputs", "read_manifest", "select_shard"]
 
 _TOP_KEYS = ("version", "output_dir", "jobs")
 _JOB_KEYS = ("inputs", "map", "format")
-# The one .json name a glob takes without ``format: tfjs``: what TF.js's converter writes.
+# The readers' formats and the suffixes that name them (readers.detect's FORMATS and
+# SUFFIXES; the manifest comes before the readers in the pipeline, and
+# tests/test_manifest.py keeps the two in step).
+FORMATS = ("safetensors", "torch", "keras", "onnx", "caffe", "tfjs", "numpy")
+CHECKPOINT_SUFFIXES = (
+    ".safetensors", ".pth.tar", ".pt", ".pth", ".bin", ".ckpt", ".tar", ".keras", ".h5",
+    ".hdf5", ".onnx", ".caffemodel", ".json", ".npz", ".npy",
+)  # fmt: skip
+# The one .json name a glob takes without a format: what TF.js's converter writes.
 _TFJS_MODEL_NAME = "model.json"
 # The names of fc2conv's temp files, as write._temp_path makes them (.NAME.TOKEN.tmp);
 # the manifest comes before write in the pipeline, and tests/test_manifest.py keeps the two
@@ -153,8 +160,10 @@ def _expand_job(
 def _is_checkpoint(path: Path) -> bool:
     """True for a file a glob takes without ``format``: its suffix names a format, and of
     the ``.json`` files only ``model.json``."""
-    kind = suffix_format(path)
-    return kind is not None and (kind != "tfjs" or path.name.lower() == _TFJS_MODEL_NAME)
+    name = path.name.lower()
+    if name.endswith(".json"):
+        return name == _TFJS_MODEL_NAME
+    return name.endswith(CHECKPOINT_SUFFIXES)
 
 
 def _own_files(manifest: Path, output_dir: Path | None) -> Callable[[Path], bool]:

@@ -455,3 +455,12 @@ def test_inputs_on_the_command_line_carry_the_format(tmp_path):
     ]
     (item,) = items_from_inputs([tmp_path / "a.bin"], tmp_path / "m.yaml", tmp_path / "o")
     assert item.format is None
+
+
+def test_the_manifest_knows_the_readers_formats_and_suffixes():
+    from fc2conv_cli.manifest import CHECKPOINT_SUFFIXES, FORMATS
+    from fc2conv_cli.readers.detect import FORMATS as READERS_FORMATS
+    from fc2conv_cli.readers.detect import SUFFIXES
+
+    assert FORMATS == READERS_FORMATS
+    assert sorted(CHECKPOINT_SUFFIXES) == sorted(suffix for suffix, _ in SUFFIXES)
