@@ -18,12 +18,13 @@ os.environ.setdefault("KERAS_BACKEND", "torch")  # before keras is first importe
 import numpy as np
 import pytest
 
-# The readers' tests' builders (tests/ is on sys.path: conftest.py lives there).
-test_batch = pytest.importorskip("test_batch")
-caffe_tests = pytest.importorskip("test_reader_caffe")
-keras_tests = pytest.importorskip("test_reader_keras")
-onnx_tests = pytest.importorskip("test_reader_onnx")
-tfjs_tests = pytest.importorskip("test_reader_tfjs")
+# The readers' tests' builders (tests/ is on sys.path: conftest.py lives there). Each
+# skips, and so this module, where its framework is not installed.
+import test_batch
+import test_reader_caffe as caffe_tests
+import test_reader_keras as keras_tests
+import test_reader_onnx as onnx_tests
+import test_reader_tfjs as tfjs_tests
 
 pytestmark = [
     pytest.mark.slow,  # about 30 s: nine conversions twice, Keras and torch imported
