@@ -10,12 +10,18 @@ is removed and a new worker takes over.
 Outputs are never replaced unless fc2conv wrote them (or ``--force``). One that fc2conv
 wrote is up to date, and skipped, when its metadata records this source's SHA-256, this
 map's and this ``CONVERSION_VERSION``: so a stopped batch, rerun, finishes the rest.
+
+With a timeout, a file whose worker is still at it that long after it took the file is
+stopped: the worker is killed (a conversion stuck in C code hears no polite signal), its
+temp file removed, and a fresh worker takes the next file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import math
+import os
 import signal
 import subprocess
 import sys
@@ -41,7 +47,16 @@ from fc2conv_cli.plan import Plan, build_plan
 from fc2conv_cli.readers import open_checkpoint, read_safetensors_metadata, sha256_in_background
 from fc2conv_cli.write import CONVERSION_KEY, CONVERSION_VERSION, remove_temp_files
 
-__all__ = ["BatchOptions", "BatchResult", "FileOutcome", "Status", "run_batch", "worker_main"]
+__all__ = [
+    "BatchOptions",
+    "BatchResult",
+    "FileOutcome",
+    "Status",
+    "available_cpus",
+    "cgroup_cpu_quota",
+    "run_batch",
+    "worker_main",
+]
 
 # How long stopped workers get to remove their temp files before they are killed.
 _STOP_GRACE_S = 10.0
@@ -72,6 +87,7 @@ class Status(enum.Enum):
     WOULD_CONVERT = "would convert"  # --dry-run
     CHECK_FAILED = "check failed"
     ERROR = "error"
+    TIMED_OUT = "timed out"  # ran past --timeout: stopped
     NOT_STARTED = "not started"  # --fail-fast stopped the batch first
 
     @property
@@ -89,6 +105,7 @@ class BatchOptions:
     fail_fast: bool = False
     atol: float = DEFAULT_ATOL
     seed: int = 0
+    timeout: float | None = None  # seconds per file; None: no limit
 
 
 @dataclass(frozen=True)
@@ -155,7 +172,7 @@ def run_batch(
 def process_item(item: BatchItem, options: BatchOptions) -> FileOutcome:
     """Convert one file (or find it up to date); every expected failure becomes an outcome."""
     started = time.perf_counter()
-    size = item.input.stat().st_size if item.input.is_file() else 0
+    size = _input_bytes(item)
 
     def outcome(status: Status, **fields) -> FileOutcome:
         return FileOutcome(item, status, size, seconds=time.perf_counter() - started, **fields)
@@ -180,6 +197,7 @@ def process_item(item: BatchItem, options: BatchOptions) -> FileOutcome:
                 options.atol,
                 seed=options.seed,
                 force=overwrite,
+                format=item.format,
             )
         )
     except CheckFailed as error:
@@ -198,8 +216,18 @@ def process_item(item: BatchItem, options: BatchOptions) -> FileOutcome:
 
 def _plan(item: BatchItem) -> Plan:
     layer_map = read_layer_map(item.map_path)
-    with open_checkpoint(item.input, layer_map.strip_prefixes, layer_map.state_dict_key) as source:
+    with open_checkpoint(
+        item.input, layer_map.strip_prefixes, layer_map.state_dict_key, item.format
+    ) as source:
         return build_plan(source.tensors, layer_map, source.weight_format)
+
+
+def _input_bytes(item: BatchItem) -> int:
+    """The input's size (for the progress bar), 0 if it cannot be read."""
+    try:
+        return item.input.stat().st_size if item.input.is_file() else 0
+    except OSError:
+        return 0
 
 
 class _Output(enum.Enum):
@@ -270,19 +298,31 @@ class _Pool:
         self.busy.append(worker)
 
     def collect(self) -> list[tuple[int, FileOutcome]]:
-        """Wait until at least one busy worker finishes or dies; return those outcomes.
+        """Wait until a busy worker starts its file, finishes it, dies or runs out of
+        time; return the outcomes of those that are done (maybe none).
 
         A worker's death closes its end of the pipe, so its connection turns ready too.
         """
-        ready = set(wait([w.conn for w in self.busy]))
+        ready = set(wait([w.conn for w in self.busy], self._time_left()))
         done = []
         for worker in [w for w in self.busy if w.conn in ready]:
+            finished = worker.receive(self.options.timeout)
+            if finished is None:  # it has only started the file: its clock runs
+                continue
             self.busy.remove(worker)
-            index, outcome = worker.receive()
-            done.append((index, outcome))
+            done.append(finished)
             if worker.process.poll() is None:
                 self.idle.append(worker)
+        now = time.monotonic()
+        for worker in [w for w in self.busy if w.deadline is not None and w.deadline <= now]:
+            self.busy.remove(worker)
+            done.append(worker.time_out(self.options.timeout))
         return done
+
+    def _time_left(self) -> float | None:
+        """Seconds until the first busy worker's deadline; None when none has one."""
+        deadlines = [w.deadline for w in self.busy if w.deadline is not None]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def stop(self) -> None:
         """Ask idle workers to exit; stop busy ones (they remove their temp files)."""
@@ -310,6 +350,8 @@ class _Worker:
     conn: Connection
     index: int = -1
     item: BatchItem | None = None
+    started: float = 0.0  # time.monotonic() when it started the item
+    deadline: float | None = None  # when its item times out, once it has started it
 
     @classmethod
     def start(cls, options: BatchOptions) -> _Worker:
@@ -328,20 +370,45 @@ class _Worker:
         return worker
 
     def send(self, index: int, item: BatchItem) -> None:
-        self.index, self.item = index, item
+        self.index, self.item, self.deadline = index, item, None
         self.conn.send((index, item))
 
-    def receive(self) -> tuple[int, FileOutcome]:
-        """The worker's outcome, or an error outcome if it died instead."""
+    def receive(self, timeout: float | None) -> tuple[int, FileOutcome] | None:
+        """The worker's outcome, an error outcome if it died instead, or None when it
+        said it started the item (which starts the item's ``timeout``)."""
         try:
-            return self.conn.recv()
+            index, outcome = self.conn.recv()
         except (EOFError, OSError):
             code = self.process.wait()
             how = f"signal {_signal_name(-code)}" if code < 0 else f"exit {code}"
             remove_temp_files(self.item.output)
             return self.index, FileOutcome(
-                self.item, Status.ERROR, error=f"worker crashed ({how}); nothing was written"
+                self.item,
+                Status.ERROR,
+                _input_bytes(self.item),
+                error=f"worker crashed ({how}); nothing was written",
             )
+        if outcome is None:
+            self.started = time.monotonic()
+            self.deadline = None if timeout is None else self.started + timeout
+            return None
+        return index, outcome
+
+    def time_out(self, timeout: float | None) -> tuple[int, FileOutcome]:
+        """Kill the worker, which ran past ``timeout`` on its item, and remove its temp file."""
+        with contextlib.suppress(OSError):  # it ended meanwhile
+            self.process.kill()
+        self.process.wait()
+        self.conn.close()
+        remove_temp_files(self.item.output)
+        seconds = time.monotonic() - self.started
+        return self.index, FileOutcome(
+            self.item,
+            Status.TIMED_OUT,
+            _input_bytes(self.item),
+            seconds=seconds,
+            error=f"ran past --timeout {timeout:g} s and was stopped",
+        )
 
     def close(self) -> None:
         with contextlib.suppress(OSError):  # already gone: nothing to stop
@@ -374,7 +441,8 @@ def _sigint_blocked() -> Iterator[None]:
 
 
 def worker_main(fd: int) -> None:
-    """A worker: take the options, then convert items until told to stop.
+    """A worker: take the options, then convert items until told to stop; for each item
+    it sends ``(index, None)`` when it starts and ``(index, outcome)`` when it is done.
 
     SIGTERM (the parent stopping the batch) unwinds the conversion, which removes its
     temp file; a parent that goes away ends the worker at its next item.
@@ -385,6 +453,7 @@ def worker_main(fd: int) -> None:
         options = conn.recv()
         while (message := conn.recv()) is not None:
             index, item = message
+            conn.send((index, None))  # started: the parent's clock for --timeout runs
             conn.send((index, process_item(item, options)))
     except (KeyboardInterrupt, EOFError, OSError):  # stopped, or the parent went away
         pass
@@ -392,3 +461,95 @@ def worker_main(fd: int) -> None:
 
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+# ------------------------------------------------------------------------ default --jobs
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_SELF_CGROUP = Path("/proc/self/cgroup")
+# cgroup v1 mounts the cpu controller under one of these names.
+_V1_CPU_FOLDERS = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
+
+
+def available_cpus(root: Path = _CGROUP_ROOT, self_cgroup: Path = _SELF_CGROUP) -> int:
+    """The CPUs this process may use (``--jobs``' default), at least 1.
+
+    Its affinity mask (``os.sched_getaffinity``, where the platform has it), capped by its
+    cgroup's CPU quota rounded up: a container given 1.5 CPUs of a 64-core host gets 2
+    workers, not 64.
+    """
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        count = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(root, self_cgroup)
+    if quota is not None:
+        count = min(count, math.ceil(quota))
+    return max(1, count)
+
+
+def cgroup_cpu_quota(root: Path = _CGROUP_ROOT, self_cgroup: Path = _SELF_CGROUP) -> float | None:
+    """The cgroup CPU quota in CPUs (2.5 for a quota of 250000 per 100000 us), or None
+    where none is set or none can be read.
+
+    cgroup v2: ``cpu.max`` ("max 100000" is no quota) of this process's cgroup (from
+    ``/proc/self/cgroup``; ``/`` inside a container's cgroup namespace) and of each cgroup
+    above it, the smallest counting. cgroup v1: ``cpu.cfs_quota_us`` (-1 is no quota) over
+    ``cpu.cfs_period_us``.
+    """
+    quotas = [parse_cpu_max(text) for text in _v2_cpu_max_files(root, self_cgroup)]
+    for folder in _V1_CPU_FOLDERS:
+        quota, period = (_read(root / folder / f"cpu.cfs_{n}_us") for n in ("quota", "period"))
+        if quota is not None and period is not None:
+            quotas.append(parse_cfs_quota(quota, period))
+            break
+    found = [q for q in quotas if q is not None]
+    return min(found) if found else None
+
+
+def parse_cpu_max(text: str) -> float | None:
+    """cgroup v2 ``cpu.max``, "QUOTA PERIOD" in microseconds: QUOTA / PERIOD CPUs, or
+    None for "max" (no quota) or text that is not that."""
+    fields = text.split()
+    if len(fields) != 2 or fields[0] == "max":
+        return None
+    return _ratio(*fields)
+
+
+def parse_cfs_quota(quota: str, period: str) -> float | None:
+    """cgroup v1 ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``; None for -1 (no quota)."""
+    return _ratio(quota.strip(), period.strip())
+
+
+def _ratio(quota: str, period: str) -> float | None:
+    try:
+        numerator, denominator = int(quota), int(period)
+    except ValueError:
+        return None
+    return numerator / denominator if numerator > 0 and denominator > 0 else None
+
+
+def _v2_cpu_max_files(root: Path, self_cgroup: Path) -> list[str]:
+    """The text of ``cpu.max`` of this process's v2 cgroup and of those above it."""
+    own = "/"
+    for line in (_read(self_cgroup) or "").splitlines():
+        if line.startswith("0::"):  # the v2 hierarchy's line
+            own = line[3:].strip()
+    if ".." in Path(own).parts:  # a cgroup outside this namespace's view: only its root
+        own = "/"
+    folder = root / own.strip("/")
+    texts = []
+    while True:
+        text = _read(folder / "cpu.max")
+        if text is not None:
+            texts.append(text)
+        if folder == root or root not in folder.parents:
+            return texts
+        folder = folder.parent
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None

@@ -10,7 +10,6 @@ what it would still have written to that pipe is dropped.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 import traceback
@@ -355,16 +354,40 @@ under output_dir with the suffix .safetensors):
   jobs:
     - inputs: "vgg16/**/*.pth"
       map: vgg16            # a path, or a shipped map's name
+    - inputs: "web/**/model.json"
+      map: web.yaml
+      format: tfjs
+
+Each file's format is found as `convert` finds it, or named by its group's optional
+format: key (--format for INPUT files). Without format:, a glob takes the files whose
+suffix names a format fc2conv reads (of .json files only model.json, TF.js's name);
+with it, every file it matches.
 
 \b
 Examples:
-  fc2conv batch zoo/manifest.yaml --jobs 4
+  fc2conv batch zoo/manifest.yaml --jobs 4 --timeout 600
   fc2conv batch --map vgg16 -o converted/ ckpts/*.pth
 
 \b
-Exit codes: 0 every file converted or up to date; 1 a file failed or a check failed;
-2 bad manifest or usage; 130 interrupted (finished outputs kept, no temp files left).
+Exit codes: 0 every file converted or up to date (or an empty shard); 1 a file failed,
+a check failed or a file timed out; 2 bad manifest or usage; 130 interrupted (finished
+outputs kept, no temp files left).
 """
+
+
+class _Seconds(click.ParamType):
+    """A finite number of seconds > 0."""
+
+    name = "seconds"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None):
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number <= 0:
+            self.fail(f"expected a finite number of seconds > 0, got {value!r}", param, ctx)
+        return number
 
 
 def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
@@ -394,9 +417,15 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
     "-j",
     "--jobs",
     type=click.IntRange(min=1),
-    default=os.cpu_count() or 1,
-    show_default="number of cores",
-    help="Worker processes.",
+    help="Worker processes. Default: the CPUs this process may use, i.e. its CPU affinity "
+    "capped by a cgroup CPU quota (rounded up), not the machine's core count.",
+)
+@click.option(
+    "--timeout",
+    type=_Seconds(),
+    metavar="SECONDS",
+    help="Stop a file that runs longer than this (its worker is killed and replaced, its "
+    "temp file removed) and report it 'timed out'.",
 )
 @click.option(
     "--shard",
@@ -410,11 +439,19 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
 @click.option("--fail-fast", is_flag=True, help="Start no new file after the first failure.")
 @_atol_option
 @_seed_option
+@click.option(
+    "--format",
+    "input_format",
+    type=click.Choice(_FORMATS),
+    help="Read the INPUT files (with --map) as this format; in a manifest, give a job "
+    "group a format: key instead. By default each file's is found from its content.",
+)
 def batch(
     paths: tuple[Path, ...],
     map_path: Path | None,
     output_dir: Path | None,
-    jobs: int,
+    jobs: int | None,
+    timeout: float | None,
     shard: tuple[int, int] | None,
     json_path: str | None,
     force: bool,
@@ -422,24 +459,39 @@ def batch(
     fail_fast: bool,
     atol: float,
     seed: int,
+    input_format: str | None,
 ) -> int:
+    from rich.text import Text
+
     from fc2conv_cli import report
-    from fc2conv_cli.batch import BatchOptions, run_batch
+    from fc2conv_cli.batch import BatchOptions, BatchResult, available_cpus, run_batch
     from fc2conv_cli.manifest import items_from_inputs, read_manifest, select_shard
 
     report.check_json_path(json_path, map_path, *paths)  # before the manifest is read, too
     if map_path is not None:
         if output_dir is None:
             raise click.UsageError("with --map, give the output folder with -o OUTDIR")
-        items = items_from_inputs(paths, map_path, output_dir)
+        items = items_from_inputs(paths, map_path, output_dir, input_format)
     elif len(paths) != 1:
         raise click.UsageError("give one MANIFEST.yaml, or --map MAP.yaml with INPUT files")
+    elif input_format is not None:
+        raise click.UsageError(
+            "--format applies to INPUT files with --map; in a manifest, give the job group "
+            "a format: key"
+        )
     else:
         items = read_manifest(paths[0], output_dir)
     report.check_json_path(json_path, *(p for i in items for p in (i.input, i.map_path, i.output)))
     if shard is not None:
-        items = select_shard(items, *shard)
-    options = BatchOptions(jobs, force, dry_run, fail_fast, atol, seed)
+        total, items = len(items), select_shard(items, *shard)
+        if not items:
+            line = f"shard {shard[0]}/{shard[1]} is empty ({total} files in all); nothing to do"
+            report.make_console(stderr=json_path == "-").print(Text(line), soft_wrap=True)
+            if json_path:
+                report.write_json(json_path, report.batch_json(BatchResult((), 0.0)))
+            return 0
+    jobs = jobs if jobs is not None else available_cpus()
+    options = BatchOptions(jobs, force, dry_run, fail_fast, atol, seed, timeout)
     messages = report.make_console(stderr=True)
     total_bytes = sum(item.input.stat().st_size for item in items)
     with report.BatchProgress(messages, len(items), total_bytes) as progress:

@@ -901,3 +901,310 @@ def test_the_workers_import_path_starts_with_this_package(monkeypatch):
     assert (Path(path[0]) / "fc2conv_cli" / "batch.py").is_file()
     assert "" not in path and "/elsewhere" in path
     assert path.count(path[0]) == 1
+
+
+# ---------------------------------------------------------------- --format (issue 10)
+
+
+@pytest.fixture
+def renamed(tmp_path: Path) -> tuple[Path, Path]:
+    """A safetensors checkpoint under a name whose suffix says torch, and its map."""
+    source = save(tmp_path / "in" / "weights.safetensors", tensors(3))
+    source = source.rename(source.with_suffix(".bin"))
+    map_path = tmp_path / "map.yaml"
+    map_path.write_text(MAP)
+    return source, map_path
+
+
+def test_format_reads_input_files_as_convert_format_does(run_cli, renamed, tmp_path):
+    source, map_path = renamed
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    base = ("batch", "--map", map_path, "-o", out, "--jobs", 1, "--json", report, source)
+
+    # Without --format, the suffix and the content disagree: the file fails, in one line.
+    outcome = run_cli(*base)
+    assert outcome.code == 1, outcome.stderr
+    [entry] = json.loads(report.read_text())["files"]
+    assert entry["status"] == "error" and "pass --format safetensors" in entry["error"]
+
+    # --format reaches the dry run's plan and the conversion.
+    outcome = run_cli(*base, "--dry-run", "--format", "safetensors")
+    assert outcome.code == 0, outcome.stderr
+    assert statuses(report) == {str(source): "would convert"}
+    outcome = run_cli(*base, "--format", "safetensors")
+    assert outcome.code == 0, outcome.stderr
+    assert statuses(report) == {str(source): "converted"}
+    expected = tmp_path / "expected.safetensors"
+    convert = ("convert", source, "--map", map_path, "-o", expected, "--format", "safetensors")
+    assert run_cli(*convert).code == 0
+    assert (out / "weights.safetensors").read_bytes() == expected.read_bytes()
+    outcome = run_cli(*base, "--format", "safetensors")
+    assert outcome.code == 0 and statuses(report) == {str(source): "up to date"}
+
+    # A format the content contradicts fails the file, naming both.
+    outcome = run_cli(*base, "--format", "torch", "--force")
+    assert outcome.code == 1
+    [entry] = json.loads(report.read_text())["files"]
+    assert entry["status"] == "error"
+    assert "--format torch, but the content is a safetensors file" in entry["error"]
+
+
+def test_a_manifest_group_format_is_used_for_its_files(run_cli, renamed, tmp_path):
+    source, _ = renamed
+    manifest = tmp_path / "manifest.yaml"
+    report = tmp_path / "report.json"
+    for fmt, status in (("torch", "error"), ("safetensors", "converted")):
+        manifest.write_text(
+            "version: 1\noutput_dir: out\njobs:\n"
+            f"  - {{inputs: 'in/*.bin', map: map.yaml, format: {fmt}}}\n"
+        )
+        outcome = run_cli("batch", manifest, "--jobs", 1, "--json", report)
+        assert statuses(report) == {str(source): status}, outcome.stderr
+    assert (tmp_path / "out/in/weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "manifest_text", "needle"),
+    [
+        (("--format", "pickle"), None, "Invalid value for '--format': 'pickle' is not one of"),
+        (("--format", "torch"), "", "--format applies to INPUT files with --map"),
+        ((), "format: pickle", "jobs[0]: format: unknown format 'pickle'; expected one of"),
+        ((), "format: [torch]", "jobs[0]: format: unknown format ['torch']"),
+    ],
+)
+def test_an_unknown_format_exits_2_in_one_line(run_cli, zoo, args, manifest_text, needle):
+    if manifest_text is None:
+        args = ("--map", zoo.map, "-o", zoo.out, zoo.input(GOOD[0]), *args)
+    else:
+        if manifest_text:
+            job = GOOD_JOB.replace("map: maps/map.yaml}", f"map: maps/map.yaml, {manifest_text}}}")
+            zoo.manifest.write_text(f"version: 1\noutput_dir: converted/\njobs:\n{job}")
+        args = (zoo.manifest, *args)
+    outcome = run_cli("batch", *args)
+    assert outcome.code == 2, outcome.stderr
+    assert outcome.stdout == ""
+    [line] = outcome.stderr.splitlines()
+    assert needle in line, line
+    if manifest_text:
+        assert line.startswith(f"error: {zoo.manifest}: jobs[0]: format: ")
+    assert not zoo.out.exists()
+
+
+# ------------------------------------------------------------------ --jobs (issue 13)
+
+
+def cgroup_tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("files", "self_cgroup", "quota"),
+    [
+        ({"cpu.max": "max 100000\n"}, "0::/\n", None),  # a container without a limit
+        ({"cpu.max": "200000 100000\n"}, "0::/\n", 2.0),
+        ({"cpu.max": "150000 100000\n"}, "0::/\n", 1.5),
+        ({"cpu.max": "50000 100000\n"}, "0::/\n", 0.5),
+        ({"cpu.max": "max\n"}, "0::/\n", None),
+        ({"cpu.max": "lots\n"}, "0::/\n", None),
+        ({"cpu.max": "0 100000\n"}, "0::/\n", None),
+        ({}, "0::/\n", None),  # no cgroup files at all
+        # Off a cgroup namespace: this process's cgroup, and those above it (the least).
+        (
+            {"a.slice/cpu.max": "300000 100000\n", "a.slice/job.scope/cpu.max": "max 100000\n"},
+            "0::/a.slice/job.scope\n",
+            3.0,
+        ),
+        (
+            {"a.slice/cpu.max": "800000 100000\n", "a.slice/b/cpu.max": "250000 100000\n"},
+            "12:cpu:/x\n0::/a.slice/b\n",
+            2.5,
+        ),
+        ({"cpu.max": "400000 100000\n"}, "0::/../outside\n", 4.0),  # outside: the root's
+        # cgroup v1: quota over period, -1 for none.
+        ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+         "", None),
+        ({"cpu/cpu.cfs_quota_us": "350000\n", "cpu/cpu.cfs_period_us": "100000\n"}, "", 3.5),
+        ({"cpu/cpu.cfs_quota_us": "350000\n"}, "", None),  # no period: unknown
+    ],
+)  # fmt: skip
+def test_the_cgroup_cpu_quota_parser(tmp_path, files, self_cgroup, quota):
+    from fc2conv_cli.batch import cgroup_cpu_quota
+
+    root = cgroup_tree(tmp_path / "cgroup", files)
+    (tmp_path / "self").write_text(self_cgroup)
+    assert cgroup_cpu_quota(root, tmp_path / "self") == quota
+
+
+@pytest.mark.parametrize(
+    ("affinity", "cpu_max", "expected"),
+    [
+        (8, "max 100000", 8),
+        (8, "150000 100000", 2),  # 1.5 CPUs: rounded up
+        (8, "20000 100000", 1),  # a fifth of a CPU: at least one worker
+        (2, "400000 100000", 2),  # the affinity mask is the smaller
+        (3, None, 3),
+    ],
+)
+def test_available_cpus_is_the_affinity_capped_by_the_quota(
+    tmp_path, monkeypatch, affinity, cpu_max, expected
+):
+    from fc2conv_cli import batch as batch_module
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's count plays no part
+    root = cgroup_tree(tmp_path / "cgroup", {"cpu.max": cpu_max} if cpu_max else {})
+    (tmp_path / "self").write_text("0::/\n")
+    assert batch_module.available_cpus(root, tmp_path / "self") == expected
+
+
+def test_available_cpus_without_sched_getaffinity_falls_back_to_the_cpu_count(
+    tmp_path, monkeypatch
+):
+    from fc2conv_cli.batch import available_cpus
+
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    root = cgroup_tree(tmp_path / "cgroup", {"cpu.max": "300000 100000"})
+    assert available_cpus(root, tmp_path / "none") == 3
+    assert available_cpus(tmp_path / "nothing", tmp_path / "none") == 6
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert available_cpus(tmp_path / "nothing", tmp_path / "none") == 1
+
+
+def test_jobs_defaults_to_available_cpus(run_cli, zoo, monkeypatch):
+    from fc2conv_cli import batch as batch_module
+
+    seen = []
+    real_run_batch = batch_module.run_batch
+
+    def run_batch(items, options, on_outcome):
+        seen.append(options.jobs)
+        return real_run_batch(items, options, on_outcome)
+
+    monkeypatch.setattr(batch_module, "available_cpus", lambda: 1)
+    monkeypatch.setattr(batch_module, "run_batch", run_batch)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    zoo.write_manifest(bad=False)
+    assert run_cli("batch", zoo.manifest).code == 0
+    assert run_cli("batch", zoo.manifest, "--jobs", 2).code == 0
+    assert seen == [1, 2]
+    help_text = " ".join(run_cli("batch", "--help").stdout.split())
+    assert "Default: the CPUs this process may use" in help_text
+    assert "cgroup CPU quota" in help_text and "not the machine's core count" in help_text
+
+
+def test_available_cpus_here():
+    from fc2conv_cli.batch import available_cpus
+
+    count = available_cpus()
+    assert 1 <= count <= len(os.sched_getaffinity(0))
+
+
+# ----------------------------------------------------------------- shards (issue 13)
+
+
+def test_an_empty_shard_says_so_in_one_line_and_exits_0(run_cli, tmp_path):
+    root = tmp_path / "zoo"
+    for name in ("a", "b"):
+        save(root / f"{name}.safetensors", tensors(len(name)))
+    (root / "map.yaml").write_text(MAP)
+    manifest = root / "manifest.yaml"
+    manifest.write_text("version: 1\noutput_dir: out\njobs:\n  - {inputs: '*', map: map.yaml}\n")
+    outcome = run_cli("batch", manifest, "--shard", "3/4")
+    assert outcome.code == 0, outcome.stderr
+    assert outcome.stdout == "shard 3/4 is empty (2 files in all); nothing to do\n"
+    assert outcome.stderr == ""
+    outcome = run_cli("batch", manifest, "--shard", "3/4", "--json", "-")
+    assert outcome.code == 0, outcome.stderr
+    assert outcome.stderr == "shard 3/4 is empty (2 files in all); nothing to do\n"
+    report = json.loads(outcome.stdout)
+    assert report["ok"] is True and report["files"] == [] and report["counts"] == {}
+    assert not (root / "out").exists()
+    assert run_cli("batch", manifest, "--shard", "2/4").code == 0  # b: not empty
+    assert [p.name for p in (root / "out").iterdir()] == ["b.safetensors"]
+
+
+# ---------------------------------------------------------------- --timeout (issue 13)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_bad_timeout_exits_2(run_cli, zoo, value):
+    outcome = run_cli("batch", zoo.manifest, "--timeout", value)
+    assert outcome.code == 2
+    [line] = outcome.stderr.splitlines()
+    assert "--timeout" in line
+    assert not zoo.out.exists()
+
+
+# What a conversion that hangs does in the copy of the package below: once its temp file is
+# written, it says where that file is, then sleeps (far past the timeout).
+SLOW_PATCH = """
+
+_original_write_safetensors = write_safetensors
+
+
+def write_safetensors(plan, source, output, metadata):  # noqa: F811 - the test's slow writer
+    import os as _os
+    import time as _time
+    from pathlib import Path as _Path
+
+    staged = _original_write_safetensors(plan, source, output, metadata)
+    if source.path.name.startswith("slow"):
+        _Path(_os.environ["FC2CONV_TEST_STAGED"]).write_text(f"{_os.getpid()} {staged.temp}")
+        _time.sleep(600)
+    return staged
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_file_past_the_timeout_is_stopped_and_the_next_runs_on_a_new_worker(tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(
+        ROOT / "fc2conv_cli", copy / "fc2conv_cli", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    with open(copy / "fc2conv_cli" / "pipeline.py", "a") as pipeline:
+        pipeline.write(SLOW_PATCH)
+    root = tmp_path / "zoo"
+    for index, name in enumerate(("a.safetensors", "slow.safetensors", "z.safetensors")):
+        save(root / name, tensors(index))
+    (root / "map.yaml").write_text(MAP)
+    staged, report, out = tmp_path / "staged.txt", tmp_path / "report.json", tmp_path / "out"
+    started = time.monotonic()
+    done = subprocess.run(
+        fc2conv("batch", "--map", root / "map.yaml", "-o", out, "--jobs", 1, "--timeout", 3,
+                "--json", report, *sorted(root.glob("*.safetensors"))),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(copy), "FC2CONV_TEST_STAGED": str(staged)},
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert elapsed < 60  # not the 600 s the conversion would have slept
+    files = {Path(f["input"]).name: f for f in json.loads(report.read_text())["files"]}
+    assert {n: f["status"] for n, f in files.items()} == {
+        "a.safetensors": "converted",
+        "slow.safetensors": "timed out",
+        "z.safetensors": "converted",  # by a fresh worker: the one that timed out was killed
+    }
+    slow = files["slow.safetensors"]
+    assert slow["error"] == "ran past --timeout 3 s and was stopped"
+    assert 3 <= slow["seconds"] < 30
+    # It was stopped with its temp file in place; the file is gone, and so is the worker.
+    pid, temp = staged.read_text().split(" ", 1)
+    assert Path(temp).parent == out and Path(temp).name.startswith(".slow.safetensors.")
+    assert not Path(temp).exists() and temp_files(out) == []
+    assert not alive(int(pid))
+    assert not (out / "slow.safetensors").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["a.safetensors", "z.safetensors"]
+    # The table, the progress line and the footer say so.
+    assert "timed out" in done.stdout and "1 timed out" in done.stdout.splitlines()[-1]
+    [line] = [line for line in done.stderr.splitlines() if "slow.safetensors" in line]
+    assert line.endswith("] timed out: " + str(root / "slow.safetensors") + ": ran past "
+                         "--timeout 3 s and was stopped")  # fmt: skip

@@ -370,3 +370,97 @@ def test_shards_do_not_depend_on_the_input_order():
         random.Random(seed).shuffle(shuffled)
         assert [select_shard(shuffled, i, 3) for i in (1, 2, 3)] == reference
     assert reference[0][:2] == (items[0], items[3])
+
+
+# ------------------------------------------------------------------ formats (issue 10)
+
+
+def test_a_glob_takes_every_readers_suffix_and_of_json_files_only_model_json(tmp_path):
+    names = (
+        "a.safetensors", "b.pt", "c.pth", "d.bin", "e.ckpt", "f.pth.tar", "g.tar",
+        "h.keras", "i.weights.h5", "j.hdf5", "k.onnx", "l.caffemodel", "m.npz", "n.npy",
+        "web/model.json", "web/MODEL.JSON",
+    )  # fmt: skip
+    ignored = ("config.json", "web/weights_manifest.json", "notes.txt", "map.yaml", "x.pb")
+    touch(tmp_path, *names, *ignored)
+    (tmp_path / "maps").mkdir()
+    (tmp_path / "maps" / "m.yaml").write_text(MAP)
+    path = manifest(
+        tmp_path, "version: 1\noutput_dir: out\njobs: [{inputs: '**/*', map: maps/m.yaml}]\n"
+    )
+    items = read_manifest(path)
+    assert sorted(str(i.input.relative_to(tmp_path)) for i in items) == sorted(names)
+    assert {i.format for i in items} == {None}
+
+
+def test_a_group_format_takes_every_file_its_glob_matches(tmp_path):
+    # format: says what the files are: their suffixes play no part (a caffemodel named .bin,
+    # weights.data), and every match is read as that format, the manifest itself excepted.
+    touch(tmp_path, "caffe/net.bin", "caffe/weights.data", "caffe/.net.bin.0123abcd.tmp")
+    (tmp_path / "m.yaml").write_text(MAP)
+    path = manifest(
+        tmp_path,
+        "version: 1\noutput_dir: out\njobs:\n"
+        "  - {inputs: 'caffe/*', map: m.yaml, format: caffe}\n"
+        "  - {inputs: '*.yaml', map: m.yaml, format: numpy}\n",
+    )
+    items = read_manifest(path)
+    assert [(i.input.relative_to(tmp_path).as_posix(), i.format) for i in items] == [
+        ("caffe/net.bin", "caffe"),
+        ("caffe/weights.data", "caffe"),
+        ("m.yaml", "numpy"),  # matched and asked for; not the manifest.yaml itself
+    ]
+
+
+def test_formats_are_per_group(zoo):
+    path = manifest(
+        zoo,
+        "version: 1\noutput_dir: out\njobs:\n"
+        "  - {inputs: 'vgg/*.pth', map: ../maps/vgg.yaml, format: torch}\n"
+        "  - {inputs: 'alex/*.safetensors', map: ../maps/alex.yaml}\n"
+        "  - {inputs: 'vgg/deep/*.pth', map: ../maps/vgg.yaml, format: null}\n",
+    )
+    assert {i.relative: i.format for i in read_manifest(path)} == {
+        "alex/x.safetensors": None,
+        "vgg/a.safetensors": "torch",
+        "vgg/deep/c.safetensors": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("pickle", "'pickle'"), ("Torch", "'Torch'"), ("3", "3"), ("[onnx]", "['onnx']")],
+)
+def test_an_unknown_format_names_the_file_group_and_key(zoo, value, shown):
+    path = manifest(
+        zoo,
+        "version: 1\noutput_dir: out\njobs:\n"
+        "  - {inputs: 'alex/*.safetensors', map: ../maps/alex.yaml}\n"
+        f"  - {{inputs: 'vgg/*.pth', map: ../maps/vgg.yaml, format: {value}}}\n",
+    )
+    assert problems_of(path) == [
+        f"{path}: jobs[1]: format: unknown format {shown}; expected one of "
+        "safetensors, torch, keras, onnx, caffe, tfjs, numpy"
+    ]
+
+
+def test_inputs_on_the_command_line_carry_the_format(tmp_path):
+    touch(tmp_path, "a.bin", "b.weights")
+    items = items_from_inputs(
+        [tmp_path / "b.weights", tmp_path / "a.bin"], tmp_path / "m.yaml", tmp_path / "o", "caffe"
+    )
+    assert [(i.relative, i.format) for i in items] == [
+        ("a.safetensors", "caffe"),
+        ("b.safetensors", "caffe"),
+    ]
+    (item,) = items_from_inputs([tmp_path / "a.bin"], tmp_path / "m.yaml", tmp_path / "o")
+    assert item.format is None
+
+
+def test_the_manifest_knows_the_readers_formats_and_suffixes():
+    from fc2conv_cli.manifest import CHECKPOINT_SUFFIXES, FORMATS
+    from fc2conv_cli.readers.detect import FORMATS as READERS_FORMATS
+    from fc2conv_cli.readers.detect import SUFFIXES
+
+    assert FORMATS == READERS_FORMATS
+    assert sorted(CHECKPOINT_SUFFIXES) == sorted(suffix for suffix, _ in SUFFIXES)
