@@ -38,6 +38,7 @@ demo: install
 bench: install
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_batch.py
+	$(BIN)/python bench/bench_formats.py
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache
