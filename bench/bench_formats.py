@@ -37,6 +37,7 @@ import math
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "_work" / "formats"
 CONFIGS = ROOT / "sample_configs"
+METRICS = ("wall_s", "cpu_s", "rss_anon_mib", "vm_hwm_mib")
 TFJS_SHARD_BYTES = 4 * 1024 * 1024  # tfjs-converter's default weight_shard_size_bytes
 _BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 # torchvision classifier index, Keras name, Caffe / TF-era name
@@ -545,32 +547,44 @@ def _mib(value: float | None) -> str:
 
 
 def ratio(case: Case, by_key: dict[str, Case], metric: str = "wall_s") -> float | None:
-    twin = BY_KEY[case.key].twin
-    base = by_key[twin].median(metric) if twin else None
-    value = case.median(metric)
-    return value / base if value is not None and base else None
+    """The median over rounds of ``metric`` / the twin's in the same round: paired, so a
+    load that drifts between rounds cancels out."""
+    twin = by_key.get(BY_KEY[case.key].twin or "")
+    if twin is None or not case.runs or len(twin.runs) != len(case.runs):
+        return None
+    pairs = [
+        (getattr(m, metric), getattr(b, metric)) for m, b in zip(case.runs, twin.runs, strict=True)
+    ]
+    if any(base <= 0 for _, base in pairs):
+        return None
+    return statistics.median(value / base for value, base in pairs)
 
 
 def render(cases: list[Case], work: Path, header: list[str]) -> str:
     by_key = {c.key: c for c in cases}
     lines = [*header, ""]
     lines += [
-        "| format | file size | wall (median, min-max) | vs its .safetensors twin "
-        "| peak RssAnon | VmHWM |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| format | file size | wall (median, min-max) | wall vs twin | CPU (user+sys) "
+        "| CPU vs twin | peak RssAnon | VmHWM |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+
+    def versus(case: Case, metric: str) -> str:
+        if BY_KEY[case.key].twin is None:
+            return "baseline"
+        value = ratio(case, by_key, metric)
+        return "n/a" if value is None else f"{value:.2f} x"
+
     for case in cases:
         if not case.runs:
             continue
-        fixture = BY_KEY[case.key]
         walls = [m.wall_s for m in case.runs]
-        r = ratio(case, by_key)
-        versus = "baseline" if fixture.twin is None else ("n/a" if r is None else f"{r:.2f} x")
         failed = " **FAILED**" if case.failures else ""
         lines.append(
-            f"| {case.label}{failed} | {size_bytes(work / fixture.file) / 1e6:.0f} MB"
+            f"| {case.label}{failed} | {size_bytes(work / BY_KEY[case.key].file) / 1e6:.0f} MB"
             f" | {case.median('wall_s'):.2f} s ({min(walls):.2f}-{max(walls):.2f})"
-            f" | {versus} | {_mib(case.median('rss_anon_mib'))}"
+            f" | {versus(case, 'wall_s')} | {case.median('cpu_s'):.2f} s"
+            f" | {versus(case, 'cpu_s')} | {_mib(case.median('rss_anon_mib'))}"
             f" | {_mib(case.median('vm_hwm_mib'))} |"
         )
     return "\n".join(lines)
@@ -623,8 +637,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "VGG16 fp32, random weights, in each format with its own names; each format's "
         "twin is a .safetensors file with the same tensors, converted with the same map "
         "(`fc2conv convert`, checks on). Hot page cache, `sync` before each run, 1 warm-up "
-        f"+ {runs} run{'s' if runs > 1 else ''} per case, interleaved; medians. Memory: "
-        "peak `RssAnon` sampled every 10 ms; `VmHWM` includes file-backed pages.",
+        f'+ {runs} run{"s" if runs > 1 else ""} per case, interleaved; medians. "vs twin": '
+        "the median over rounds of the ratio to the twin's run in the same round. CPU: the "
+        "child's user + system time. Memory: peak `RssAnon` sampled every 10 ms; `VmHWM` "
+        "includes file-backed pages.",
     ]
     print(render(cases, args.work, header), flush=True)
 
@@ -643,8 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "file_bytes": size_bytes(args.work / BY_KEY[c.key].file),
                     "commands": [shlex.join(cmd) for cmd in c.commands],
                     "runs": [asdict(m) for m in c.runs],
-                    "median": {m: c.median(m) for m in ("wall_s", "rss_anon_mib", "vm_hwm_mib")},
-                    "wall_ratio_to_twin": ratio(c, by_key),
+                    "median": {m: c.median(m) for m in METRICS},
+                    "ratio_to_twin": {m: ratio(c, by_key, m) for m in ("wall_s", "cpu_s")},
                     "failures": c.failures,
                 }
                 for c in cases

@@ -88,15 +88,20 @@ def test_a_missing_output_or_a_failing_exit_fails_the_case(tmp_path):
     assert failing.failures[0].startswith("exit 3")
 
 
-def test_table_gives_ratios_to_the_twin_and_marks_failures(tmp_path):
+def test_table_gives_paired_ratios_to_the_twin_and_marks_failures(tmp_path):
     (tmp_path / "vgg16.safetensors").write_bytes(b"\0" * 2_000_000)
     (tmp_path / "vgg16.pth").write_bytes(b"\0" * 3_000_000)
     cases = [Case("safetensors", ".st", [["true"]]), Case("pth", ".pth", [["true"]])]
-    for case, wall in zip(cases, (1.0, 2.5), strict=True):
-        case.runs = [Measurement(wall * f, 40.0, 1000.0, 0, 5) for f in (0.9, 1.0, 1.2)]
+    walls = ((0.9, 1.0, 1.2), (2.7, 2.0, 3.6))  # per round: 3x, 2x, 3x the twin's
+    cpus = ((1.0, 1.0, 1.0), (1.5, 1.5, 1.5))
+    for case, wall, cpu in zip(cases, walls, cpus, strict=True):
+        case.runs = [Measurement(w, 40.0, 1000.0, 0, 5, c) for w, c in zip(wall, cpu, strict=True)]
     cases[1].failures.append("exit 2")
     table = bench.render(cases, Path(tmp_path), ["header"]).splitlines()
-    assert table[-2] == "| .st | 2 MB | 1.00 s (0.90-1.20) | baseline | 40 MiB | 1000 MiB |"
-    assert table[-1] == (
-        "| .pth **FAILED** | 3 MB | 2.50 s (2.25-3.00) | 2.50 x | 40 MiB | 1000 MiB |"
+    assert table[-2] == (
+        "| .st | 2 MB | 1.00 s (0.90-1.20) | baseline | 1.00 s | baseline | 40 MiB | 1000 MiB |"
     )
+    assert table[-1] == (
+        "| .pth **FAILED** | 3 MB | 2.70 s (2.00-3.60) | 3.00 x | 1.50 s | 1.50 x | 40 MiB"
+        " | 1000 MiB |"
+    )  # 3.00 x: the median of the rounds' ratios, not 2.70 / 1.00
