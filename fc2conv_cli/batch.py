@@ -20,12 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
-from fc2conv_cli.checkpoint import (
-    TORCH_SUFFIXES,
-    open_checkpoint,
-    read_safetensors_metadata,
-    sha256_in_background,
-)
+from fc2conv_cli.checkpoint import TORCH_SUFFIXES, open_checkpoint, read_safetensors_metadata
+from fc2conv_cli.digest import sha256_in_background
 from fc2conv_cli.errors import (
     EXIT_CHECK_FAILED,
     EXIT_OK,

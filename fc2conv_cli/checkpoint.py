@@ -8,16 +8,13 @@ page cache, not process memory. Torch is imported only to read a torch-format fi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import mmap
 import os
 import re
-import threading
 import zipfile
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +36,6 @@ __all__ = [
     "open_checkpoint",
     "open_safetensors",
     "read_safetensors_metadata",
-    "sha256_in_background",
 ]
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -69,7 +65,6 @@ WRAPPER_KEYS = (
 
 # The safetensors format caps its JSON header at 100 MB; a larger claim is corrupt or hostile.
 _MAX_HEADER_BYTES = 100_000_000
-_HASH_BLOCK = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -192,30 +187,6 @@ def open_safetensors(path: Path) -> Checkpoint:
     names, buffers, notes, closer = _read_safetensors(path)
     tensors = {n: TensorInfo(n, *names[n]) for n in names}
     return Checkpoint(path, "safetensors", tensors, buffers, notes, closer)
-
-
-def sha256_in_background(path: Path) -> Future[str]:
-    """Start hashing ``path`` in a thread (hashlib releases the GIL); returns the hex digest."""
-    future: Future[str] = Future()
-
-    def run() -> None:
-        try:
-            digest = hashlib.sha256()
-            # read(), not a memory map: this thread may outlive a failed conversion, and a
-            # mapped file truncated meanwhile would kill the process with SIGBUS.
-            buffer = bytearray(_HASH_BLOCK)
-            view = memoryview(buffer)
-            with open(path, "rb", buffering=0) as file:
-                while count := file.readinto(buffer):
-                    digest.update(view[:count])
-            future.set_result(digest.hexdigest())
-        except OSError as exc:
-            future.set_exception(CheckpointError(f"{path}: cannot read: {exc.strerror or exc}"))
-        except BaseException as exc:  # handed to whoever waits on the future
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="fc2conv-sha256", daemon=True).start()
-    return future
 
 
 _Index = dict[str, tuple[str, tuple[int, ...]]]
