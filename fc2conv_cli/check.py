@@ -376,8 +376,8 @@ def _float64_diffs(
                 conv[WINDOW_SAMPLES:, columns] = (
                     _convolve(dense_map, filters).reshape(len(picked), -1).T
                 )
-    fc += _bias(source, layer.bias.source if layer.bias else None, layer.out_features)[rows]
-    conv += _bias(written, layer.bias.name if layer.bias else None, layer.out_features)[rows]
+        fc += _bias(source, layer.bias.source if layer.bias else None, layer.out_features)[rows]
+        conv += _bias(written, layer.bias.name if layer.bias else None, layer.out_features)[rows]
     window = _max_abs_diff(fc[:WINDOW_SAMPLES], conv[:WINDOW_SAMPLES])
     dense = _max_abs_diff(fc[WINDOW_SAMPLES:], conv[WINDOW_SAMPLES:]) if dense_checked else None
     return window, dense, dense_checked
