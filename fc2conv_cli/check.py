@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Collection
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,14 +41,17 @@ from fc2conv_cli.layout import WeightFormat
 from fc2conv_cli.plan import Conversion, LayerPlan, Plan, PlannedTensor
 
 __all__ = [
+    "CHECK_WORKERS",
     "DENSE_MARGIN",
     "FLOAT64_FILTERS",
     "WINDOW_SAMPLES",
     "LayerCheck",
     "Mismatch",
+    "WrittenCheck",
     "check_copies",
     "check_index",
     "check_layer",
+    "check_written",
     "conv_nd",
     "conv_to_fc_rows",
     "fc_rows",
@@ -57,6 +61,9 @@ __all__ = [
 WINDOW_SAMPLES = 2  # random feature maps of exactly the kernel's size
 DENSE_MARGIN = 1  # the dense map is kernel + 1 per axis: 2, 4 or 8 positions
 FLOAT64_FILTERS = 256  # output filters per layer that the float64 checks compute
+# Threads for the checks (numpy and BLAS release the GIL): by the time they run, the
+# input's hash is done, and a 2-core machine has a core for each.
+CHECK_WORKERS = 2
 # Bytes of weight rows per chunk: small enough to stay in cache while a chunk is compared,
 # cast and multiplied, large enough that per-chunk overhead is nothing.
 _CHECK_CHUNK_BYTES = 4 << 20
@@ -174,30 +181,102 @@ def windows(x: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
     return np.moveaxis(view, 1, 1 + ndim).reshape(-1, x.shape[1], *kernel)
 
 
+@dataclass(frozen=True)
+class WrittenCheck:
+    """Every check of a written file: its converted layers, copied tensors and index.
+
+    ``index_problems``: tensor name -> problem (missing, extra, misshapen); the layers and
+    copies involved are reported there, not checked.
+    """
+
+    layers: tuple[LayerCheck, ...]
+    copy_mismatches: tuple[str, ...]
+    index_problems: dict[str, str]
+
+
+def check_written(
+    plan: Plan,
+    source: Checkpoint,
+    written: Checkpoint,
+    atol: float,
+    seed: int,
+    workers: int | None = None,
+) -> WrittenCheck:
+    """Check a written file against its plan and source, in ``workers`` threads
+    (default ``CHECK_WORKERS``)."""
+    index_problems = check_index(plan, written)
+    layers = [
+        layer
+        for layer in plan.layers
+        if not {layer.weight.name, layer.bias.name if layer.bias else ""} & set(index_problems)
+    ]
+    with (
+        _one_blas_thread(),
+        ThreadPoolExecutor(workers or CHECK_WORKERS, thread_name_prefix="fc2conv-check") as pool,
+    ):
+        checks = _check_layers(layers, source, written, atol, seed, pool)
+        copies = pool.submit(check_copies, plan, source, written, index_problems)
+        return WrittenCheck(checks, copies.result(), index_problems)
+
+
 def check_layer(
     layer: LayerPlan, source: Checkpoint, written: Checkpoint, atol: float, seed: int
 ) -> LayerCheck:
     """Check one converted layer: its bits exactly, then the float64 window and dense checks."""
-    mismatches, nonfinite = _compare_weight(layer, source, written)
-    if layer.bias is not None:
-        bias_mismatch, bias_nonfinite = _compare_bias(layer.bias, source, written)
-        mismatches += bias_mismatch
-        nonfinite |= bias_nonfinite
-    rows = _float64_rows(layer.out_features, seed, [m.output for m in mismatches])
-    window, dense, dense_checked = _float64_diffs(layer, source, written, rows, seed)
-    within = [d is not None and d <= atol for d in (window, dense if dense_checked else 0.0)]
-    return LayerCheck(
-        layer.rule.name,
-        window,
-        dense,
-        dense_checked,
-        ok=not mismatches and all(within),
-        bits_equal=not mismatches,
-        mismatches=tuple(mismatches),
-        nonfinite_rows=int(np.count_nonzero(nonfinite)),
-        float64_rows=len(rows),
-        out_features=layer.out_features,
-    )
+    with _one_blas_thread(), ThreadPoolExecutor(1) as pool:
+        return _check_layers([layer], source, written, atol, seed, pool)[0]
+
+
+def _check_layers(
+    layers: list[LayerPlan],
+    source: Checkpoint,
+    written: Checkpoint,
+    atol: float,
+    seed: int,
+    pool: Executor,
+) -> tuple[LayerCheck, ...]:
+    """The exact and the float64 checks of every layer, as concurrent tasks of ``pool``.
+
+    The float64 checks start on the seeded sample of filters; a filter the exact check
+    finds different is added afterwards (only a failing layer pays for it).
+    """
+    exact = [pool.submit(_compare_layer, layer, source, written) for layer in layers]
+    samples = [_float64_rows(layer.out_features, seed, []) for layer in layers]
+    sampled = [
+        pool.submit(_float64_diffs, layer, source, written, rows, seed)
+        for layer, rows in zip(layers, samples, strict=True)
+    ]
+    checks = []
+    for layer, compared, sample, diffs in zip(layers, exact, samples, sampled, strict=True):
+        mismatches, nonfinite = compared.result()
+        rows = _float64_rows(layer.out_features, seed, [m.output for m in mismatches])
+        if np.array_equal(rows, sample):
+            window, dense, dense_checked = diffs.result()
+        else:
+            window, dense, dense_checked = _float64_diffs(layer, source, written, rows, seed)
+        within = [d is not None and d <= atol for d in (window, dense if dense_checked else 0.0)]
+        checks.append(
+            LayerCheck(
+                layer.rule.name,
+                window,
+                dense,
+                dense_checked,
+                ok=not mismatches and all(within),
+                bits_equal=not mismatches,
+                mismatches=tuple(mismatches),
+                nonfinite_rows=int(np.count_nonzero(nonfinite)),
+                float64_rows=len(rows),
+                out_features=layer.out_features,
+            )
+        )
+    return tuple(checks)
+
+
+def _one_blas_thread():
+    # The products are skinny and memory-bound: more BLAS threads gain nothing alone, and
+    # on a busy machine their spin-waits made the check 3-8x slower (measured), so one.
+    # Set once around all the check threads: threadpoolctl's limits are process-wide.
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def check_copies(
@@ -250,6 +329,19 @@ def _bits(checkpoint: Checkpoint, name: str) -> np.ndarray:
     info = checkpoint.tensors[name]
     unsigned = np.dtype(f"u{DTYPE_SIZES[info.dtype]}")
     return np.frombuffer(checkpoint.raw(name), unsigned).reshape(info.shape)
+
+
+def _compare_layer(
+    layer: LayerPlan, source: Checkpoint, written: Checkpoint
+) -> tuple[list[Mismatch], np.ndarray]:
+    """The exact check of a layer's weight and bias: the first mismatch of each, and
+    which output rows hold NaN or Inf in the source."""
+    mismatches, nonfinite = _compare_weight(layer, source, written)
+    if layer.bias is not None:
+        bias_mismatch, bias_nonfinite = _compare_bias(layer.bias, source, written)
+        mismatches += bias_mismatch
+        nonfinite |= bias_nonfinite
+    return mismatches, nonfinite
 
 
 def _compare_weight(
@@ -363,10 +455,8 @@ def _float64_diffs(
     fc = np.empty((len(fc_inputs), len(rows)))
     conv = np.empty_like(fc)
     step = _rows_per_chunk(layer.in_features * 8)
-    # The products are skinny and memory-bound: more BLAS threads gain nothing alone, and
-    # on a busy machine their spin-waits made the check 3-8x slower (measured), so one.
     # NaN and Inf weights are expected here (their outputs are left out below).
-    with threadpool_limits(limits=1, user_api="blas"), np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
         for start in range(0, len(rows), step):
             picked, columns = rows[start : start + step], slice(start, start + step)
             fc[:, columns] = fc_inputs @ fc_rows(fc_weight, fmt, picked).astype(np.float64).T

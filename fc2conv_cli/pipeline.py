@@ -267,21 +267,16 @@ def _provenance(
 
 def _checked(result: ConvertResult, source: Checkpoint, written: Checkpoint) -> ConvertResult:
     # Imported here, with numpy: a --no-check copy needs neither.
-    from fc2conv_cli.check import check_copies, check_index, check_layer
+    from fc2conv_cli.check import check_written
 
-    options, plan = result.options, result.plan
+    options = result.options
     # Tensors that are missing or misshapen are reported as such; the rest are checked.
-    index_problems = check_index(plan, written)
-    checks = tuple(
-        check_layer(layer, source, written, options.atol, options.seed)
-        for layer in plan.layers
-        if not {layer.weight.name, layer.bias.name if layer.bias else ""} & set(index_problems)
-    )
+    checked = check_written(result.plan, source, written, options.atol, options.seed)
     return replace(
         result,
-        checks=checks,
-        copy_mismatches=check_copies(plan, source, written, skip=index_problems),
-        index_problems=tuple(f"{name}: {problem}" for name, problem in index_problems.items()),
+        checks=checked.layers,
+        copy_mismatches=checked.copy_mismatches,
+        index_problems=tuple(f"{name}: {why}" for name, why in checked.index_problems.items()),
     )
 
 

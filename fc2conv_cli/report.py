@@ -94,7 +94,7 @@ def render_conversion(console: Console, result: ConvertResult) -> None:
         console.print(Text(line), soft_wrap=True)
     for warning in result.provenance_warnings:
         console.print(Text(f"warning: {_one_line(warning)}", style="yellow"), soft_wrap=True)
-    console.print(Text(_footer(result)))
+    console.print(Text(_footer(result)), soft_wrap=True)
 
 
 def _check_lines(result: ConvertResult) -> list[str]:
@@ -469,7 +469,9 @@ def _footer(result: ConvertResult) -> str:
 
 
 def _all_ok(result: ConvertResult) -> str:
-    return f"every value bit-exact, float64 checks within atol {result.options.atol:g}"
+    sampled = [c for c in result.checks if c.float64_rows < c.out_features]
+    where = f" (<= {max(c.float64_rows for c in sampled)} filters a layer)" if sampled else ""
+    return f"every value bit-exact, float64{where} within atol {result.options.atol:g}"
 
 
 def _one_line(text: str) -> str:

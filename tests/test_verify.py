@@ -74,7 +74,10 @@ def test_a_good_file_verifies(run_cli, converted, tmp_path):
     outcome = verify(run_cli, source, output, map_path, "--json", tmp_path / "r.json")
     assert outcome.code == 0, outcome.stderr
     assert "fc2conv verified" in outcome.stdout and "layers checked" in outcome.stdout
-    assert "every value bit-exact" in outcome.stdout and "warning" not in outcome.stdout
+    assert (
+        "every value bit-exact, float64 within atol" in outcome.stdout
+        and "warning" not in outcome.stdout
+    )
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["ok"] and report["verified"]
     assert [(x["ok"], x["bits_equal"], x["mismatches"]) for x in report["layers"]] == [
