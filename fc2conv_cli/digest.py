@@ -3,10 +3,10 @@
 The digest recorded in an output is provenance, so it must be that of the bytes that were
 converted. The file is opened once, here, and hashed from that open file with
 ``os.pread`` (it never reopens the path, and shares no file offset with anyone); the
-caller asks ``same_file`` whether the path its reader opened still names that file, and
-``result`` fails if the file changed size or modification time while it was hashed (a
-download still being written, say). ``cancel`` stops the thread at the next block: a
-failed conversion must not keep reading a large input in the background.
+caller asks ``same_file`` whether the path its reader opened names that same file, and
+``result`` fails if the file changed size or modification time between the start and the
+moment it is asked for (a download still being written, say). ``cancel`` stops the
+thread at the next block: a failed conversion must not keep reading a large input.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class FileDigest:
         self._digest: str | None = None
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._fd: int | None = None
         try:
             # A caller's open file is hashed through a duplicate, so either may close first.
             self._fd = os.dup(fd) if fd is not None else os.open(path, os.O_RDONLY)
@@ -47,7 +48,7 @@ class FileDigest:
         try:
             self._stat = os.fstat(self._fd)
         except OSError as exc:
-            os.close(self._fd)
+            self._close()
             self._fail(exc)
             return
         self._thread = threading.Thread(target=self._run, name="fc2conv-sha256", daemon=True)
@@ -55,8 +56,11 @@ class FileDigest:
 
     def result(self) -> str:
         """The hex digest, once computed; raises ``CheckpointError`` if the file could not
-        be read or changed while it was, ``CancelledError`` after ``cancel``."""
+        be read or has changed since hashing started, ``CancelledError`` after ``cancel``."""
         self._done.wait()
+        if self._error is None and self._digest is not None and self._fd is not None:
+            self._check_unchanged()  # up to now: the caller's use of the file is over
+            self._close()
         if self._error is not None:
             raise self._error
         if self._digest is None:
@@ -64,10 +68,12 @@ class FileDigest:
         return self._digest
 
     def cancel(self) -> None:
-        """Stop hashing at the next block and wait for the thread; a no-op once done."""
+        """Stop hashing at the next block, wait for the thread and close the file; a no-op
+        once done."""
         self._cancelled.set()
         if self._thread is not None:
             self._thread.join()
+        self._close()
 
     @property
     def started(self) -> bool:
@@ -98,21 +104,30 @@ class FileDigest:
                 offset += count
             else:
                 return
-            after = os.fstat(self._fd)
-            if (after.st_size, after.st_mtime_ns) != (self._stat.st_size, self._stat.st_mtime_ns):
-                self._error = CheckpointError(
-                    f"{self.path}: changed while it was being read (still being written?); "
-                    "nothing written, convert it again once it is complete"
-                )
-            else:
-                self._digest = digest.hexdigest()
+            self._digest = digest.hexdigest()
+            self._check_unchanged()
         except OSError as exc:
             self._fail(exc)
         except BaseException as exc:  # handed to whoever waits on result()
             self._error = exc
         finally:
-            os.close(self._fd)
             self._done.set()
+
+    def _check_unchanged(self) -> None:
+        """Fail the digest if the file's size or modification time moved since the start."""
+        if self._fd is None:
+            return
+        now = os.fstat(self._fd)
+        if (now.st_size, now.st_mtime_ns) != (self._stat.st_size, self._stat.st_mtime_ns):
+            self._error = CheckpointError(
+                f"{self.path}: changed while it was being read (still being written?); "
+                "nothing written, convert it again once it is complete"
+            )
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def _fail(self, exc: OSError) -> None:
         self._error = CheckpointError(f"{self.path}: cannot read: {exc.strerror or exc}")

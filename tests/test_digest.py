@@ -174,3 +174,15 @@ def test_an_input_replaced_before_the_reader_opens_it_is_refused(tmp_path, run_c
         "written, run again"
     )
     assert not output.exists() and hashing_threads() == []
+
+
+def test_a_file_changed_after_hashing_but_before_use_is_refused(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"weights")
+    job = sha256_in_background(path)
+    job._done.wait()  # hashed; the conversion is still reading the file
+    with open(path, "r+b") as file:
+        file.write(b"W")
+    os.utime(path, ns=(0, 0))
+    with pytest.raises(CheckpointError, match="changed while it was being read"):
+        job.result()
