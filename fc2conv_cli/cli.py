@@ -292,9 +292,11 @@ def inspect(
 
 _VERIFY_HELP = """Check a CONVERTED file against its ORIGINAL checkpoint and MAP; write nothing.
 
-Every rule's tensors must be present with the right shapes and pass the float64
-equivalence and dense checks; every other tensor must be byte-equal to the original's;
-nothing may be missing or extra. Prints the same table (and --json) as convert.
+Every rule's tensors must be present with the right shapes, hold the original's values
+bit for bit, and pass the float64 window and dense checks; every other tensor must be
+byte-equal to the original's; nothing may be missing or extra. The source_sha256 and
+layer_map_sha256 recorded in CONVERTED are compared with ORIGINAL's and MAP's: a
+difference is a warning, not a failure. Prints the same table (and --json) as convert.
 
 \b
 Example:

@@ -17,6 +17,7 @@ PACKAGE = Path(fc2conv_cli.__file__).parent
 # The pipeline's order; a module may import only modules before it.
 ORDER = [
     "errors",
+    "digest",
     "layout",
     "guess",
     "layer_map",
