@@ -103,7 +103,7 @@ def export_model(options: ExportOptions) -> ExportResult:
     started = time.perf_counter()
     layer_map = read_layer_map(options.map_path)
     kind = save.check_target(options.output, options.force)
-    torch = _import_torch()
+    torch = _import_torch(kind)
     from fc2conv_cli.export import graph, model, prove
 
     ndim = len(options.input_shape) - 1
@@ -120,13 +120,20 @@ def export_model(options: ExportOptions) -> ExportResult:
         plan = build_plan(source.tensors, layer_map, source.weight_format)
         model.load_state(net, source, options.model)
         _check_rank(plan.layers, ndim, options)
-        example = torch.randn((2, *options.input_shape), generator=torch.Generator().manual_seed(0))
+        dtype = next((t.dtype for t in net.state_dict().values() if t.is_floating_point()), None)
+        dtype = dtype or torch.float32
+        example = torch.randn(
+            (2, *options.input_shape), generator=torch.Generator().manual_seed(0)
+        ).to(dtype)
         original = graph.trace(net, label)
         dense = graph.trace(net, label)
         for traced in (original, dense):
             graph.propagate(traced, example, label)
         head = graph.find_head(dense, plan.layers, ndim, label)
-        _check_layout(head, plan.layers[0])
+        for layer in plan.layers:
+            if layer.rule.name in head.first:
+                _check_layout(head, layer)
+        read_notes = source.notes
         dense_shape = options.dense_shape
         geometry, _ = graph.geometry(
             original, head, head.feature_shape[2:], (options.input_shape[1:],)
@@ -150,11 +157,20 @@ def export_model(options: ExportOptions) -> ExportResult:
         dense = graph.rewrite(dense, head, plan.layers, source)
     layers = tuple(_converted(layer) for layer in plan.layers)
     ref = prove.reference(
-        net, original, head, geometry, options.input_shape, dense_shape, dense_scores, options.seed
+        net,
+        original,
+        head,
+        geometry,
+        options.input_shape,
+        dense_shape,
+        dense_scores,
+        options.seed,
+        dtype,
     )
     proved = "windows" if ref.crops is None else "windows and crops"
-    rows = prove.prove("rewritten graph", _runner(dense), ref, options.atol, proved)
-    notes = ([head.pool] if head.pool else []) + head.notes
+    graph.propagate(dense, ref.dense_input, "the dense model")  # names a node that fails
+    rows = prove.prove("rewritten graph", _runner(dense), ref, options.atol)
+    notes = [*read_notes, *([head.pool] if head.pool else []), *head.notes]
     if native_scores != (1,) * ndim:
         notes.append(f"the geometry predicts a {native_scores} score map at --input-shape")
     metadata = {
@@ -185,7 +201,7 @@ def export_model(options: ExportOptions) -> ExportResult:
     try:
         runner, _ = save.load_staged(staged)
         subject = "exported file, " + ("torch.export.load" if kind == "pt2" else "onnxruntime")
-        rows += prove.prove(subject, runner, ref, options.atol, proved)
+        rows += prove.prove(subject, runner, ref, options.atol)
         result = replace(
             result,
             proofs=tuple(rows),
@@ -207,11 +223,19 @@ def export_model(options: ExportOptions) -> ExportResult:
     return _finish(result, started, published=True)
 
 
-def _import_torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise InputError("export needs torch: pip install 'fc2conv[export]'") from None
+def _import_torch(kind: str) -> Any:
+    """torch, and for .onnx onnx and onnxruntime, or the one-line install hint."""
+    import importlib
+
+    for name in ("torch", *(("onnx", "onnxruntime") if kind == "onnx" else ())):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise InputError(
+                f"export to .{kind} needs {name}: pip install 'fc2conv[export]'"
+            ) from None
+    import torch
+
     return torch
 
 

@@ -152,13 +152,10 @@ def _draw(image, scores: np.ndarray, stride: tuple, offset: tuple, classes: tupl
     blended = (1 - _ALPHA) * base + _ALPHA * colormap(values).astype(np.float64)
     canvas = Image.new("RGB", (width, height + LEGEND_HEIGHT), (255, 255, 255))
     canvas.paste(Image.fromarray(blended.round().astype(np.uint8)), (0, 0))
-    bar = colormap(np.linspace(0, 1, max(width // 2, 2)))[None].repeat(10, 0)
+    bar = colormap(np.linspace(0, 1, max(width - 8, 2)))[None].repeat(10, 0)
     canvas.paste(Image.fromarray(bar), (4, height + 4))
-    draw = ImageDraw.Draw(canvas)
-    label = "class " + ",".join(map(str, classes))
-    draw.text((4, height + 16), f"{low:.3g}", fill=(0, 0, 0))
-    draw.text((4 + bar.shape[1] - 30, height + 16), f"{high:.3g}", fill=(0, 0, 0))
-    draw.text((width // 2 + 10, height + 4), label, fill=(0, 0, 0))
+    label = f"{low:.3g} .. {high:.3g}   class {','.join(map(str, classes))}"
+    ImageDraw.Draw(canvas).text((4, height + 17), label, fill=(0, 0, 0))
     return canvas
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -155,7 +154,3 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else ""
     return f"{type(exc).__name__}: {line}"[:300] if line else type(exc).__name__
-
-
-def prod(values: tuple[int, ...]) -> int:
-    return math.prod(values)

@@ -69,13 +69,14 @@ def reference(
     dense_shape: tuple[int, ...],
     predicted: tuple[int, ...],
     seed: int,
+    dtype: torch.dtype,
 ) -> Reference:
     """Run the original model natively, and its head on every window of the dense input."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    native_input = torch.randn((2, *input_shape), generator=generator)
-    dense_input = torch.randn((1, *dense_shape), generator=generator)
+    native_input = torch.randn((2, *input_shape), generator=generator).to(dtype)
+    dense_input = torch.randn((1, *dense_shape), generator=generator).to(dtype)
     with torch.no_grad():
         native = leaves(model(native_input))
         feature, run_head = _split(original, head, dense_input)
@@ -165,10 +166,8 @@ def _assemble(per_position: list[list[torch.Tensor]], grid: tuple[int, ...]) -> 
     return outputs
 
 
-def prove(subject: str, run: Runner, ref: Reference, atol: float, kind: str) -> list[ProofRow]:
+def prove(subject: str, run: Runner, ref: Reference, atol: float) -> list[ProofRow]:
     """The native, dense and (where claimed) crop checks of one subject."""
-    import torch
-
     rows = []
     native = run(ref.native_input)
     ones = (1,) * len(ref.grid)
@@ -202,7 +201,6 @@ def prove(subject: str, run: Runner, ref: Reference, atol: float, kind: str) -> 
                 subject, check.replace("the head", "the model") + "'s crop", ref.crops, dense, atol
             )
         )
-    del torch, kind
     return rows
 
 

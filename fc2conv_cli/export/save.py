@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fc2conv_cli.errors import InputError, OutputError
+from fc2conv_cli.export.model import ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -116,6 +117,11 @@ def stage(
     except OSError as exc:
         staged.discard()
         raise OutputError(f"{target}: cannot write: {exc.strerror or exc}") from None
+    except Exception as exc:  # the exporter refused the dense graph: say which and why
+        staged.discard()
+        exporter = "torch.export" if kind == "pt2" else "torch.onnx.export"
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{exporter} cannot export the dense model: {text[:300]}") from None
     except BaseException:
         staged.discard()
         raise
@@ -227,7 +233,7 @@ def _load_onnx(path: Path):
     meta = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY, "{}")
 
     def run(x: torch.Tensor) -> list[torch.Tensor]:
-        outputs = session.run(None, {name: x.detach().float().numpy()})
+        outputs = session.run(None, {name: x.detach().numpy()})
         return [torch.from_numpy(o) for o in outputs]
 
     return run, json.loads(meta)
