@@ -487,20 +487,20 @@ def export_command(
     from fc2conv_cli.export import ExportOptions, export_model, parse_model_args, parse_shape
 
     report.check_json_path(json_path, checkpoint, map_path, output)
-    options = ExportOptions(
-        model_spec,
-        checkpoint,
-        map_path,
-        output,
-        parse_shape(input_shape, "--input-shape"),
-        parse_shape(dense_shape, "--dense-shape") if dense_shape else None,
-        atol,
-        parse_model_args(model_args),
-        seed,
-        force,
-    )
     console = report.make_console(stderr=json_path == "-")
     try:
+        options = ExportOptions(
+            model_spec,
+            checkpoint,
+            map_path,
+            output,
+            parse_shape(input_shape, "--input-shape"),
+            parse_shape(dense_shape, "--dense-shape") if dense_shape else None,
+            atol,
+            parse_model_args(model_args),
+            seed,
+            force,
+        )
         result = export_model(options)
     except Fc2convError as error:
         failed = getattr(error, "result", None)

@@ -110,6 +110,15 @@ class PermuteNet(nn.Module):
         return self.out(torch.relu(self.fc(x)))
 
 
+class WHCNet(PermuteNet):
+    """Ported from Caffe/TF with width before height: ``permute(0, 3, 2, 1)``: layout whc."""
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = x.permute(0, 3, 2, 1).contiguous().view(x.size(0), -1)
+        return self.out(torch.relu(self.fc(x)))
+
+
 class BranchNet(nn.Module):
     """A head that branches: two FCs read the flatten, two outputs (a tuple)."""
 
@@ -175,6 +184,9 @@ CASES = {
     ),
     "permute": (
         PermuteNet, "hwc", [("fc", [4, 6]), ("out", None)], "3x8x12", "3x14x20", "windows", [2, 2],
+    ),
+    "whc": (
+        WHCNet, "whc", [("fc", [4, 6]), ("out", None)], "3x8x12", "3x12x16", "windows", [2, 2],
     ),
     "branch": (
         BranchNet, "chw", [("shared", [6, 6]), ("aux", [6, 6]), ("cls", None), ("box", None)],
@@ -396,3 +408,19 @@ def test_cli_export_atol_default_is_the_library_default():
     from fc2conv_cli.export import DEFAULT_EXPORT_ATOL
 
     assert cli._EXPORT_ATOL_DEFAULT == DEFAULT_EXPORT_ATOL
+
+
+def test_export_help_and_usage_errors_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom fc2conv_cli.cli import run\n"
+        "run(['export', '--help']); run(['heatmap', '--help'])\n"
+        "run(['export', 'x.pth', '--model', 'm:f', '--map', 'm.yaml', '-o', 'y.pt2', "
+        "'--input-shape', '3xA'])\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip().splitlines()[-1] == "False", result.stdout + result.stderr
+    assert "--input-shape '3xA': expected CxHxW" in result.stderr
