@@ -424,3 +424,25 @@ def test_export_help_and_usage_errors_do_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip().splitlines()[-1] == "False", result.stdout + result.stderr
     assert "--input-shape '3xA': expected CxHxW" in result.stderr
+
+
+def test_a_model_failing_at_the_input_shape_names_the_node(tmp_path, run_cli):
+    args = export_args(tmp_path, "lenet", ".pt2")
+    args[args.index("--input-shape") + 1] = "1x36x36"  # fc1 now gets 16 x 6x6 values
+    outcome = run_cli(*args)
+    assert outcome.code == 2
+    line = outcome.stderr.strip()
+    assert len(line.splitlines()) == 1
+    assert "fails on an input of shape [2, 1, 36, 36] at node fc1 (call_module fc1)" in line
+
+
+def test_a_kernel_that_is_not_the_flattened_map_is_refused(tmp_path, run_cli):
+    args = export_args(tmp_path, "lenet", ".pt2")
+    map_path = Path(args[args.index("--map") + 1])
+    map_path.write_text(map_text("chw", [("fc1", [25, 1]), ("fc2", None), ("fc3", None)]))
+    outcome = run_cli(*args)
+    assert outcome.code == 2
+    assert (
+        "map layer 'fc1': kernel [25, 1] with in_channels 16, but the graph flattens a 16 x 5x5"
+        in outcome.stderr
+    )

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Geometry", "Head", "find_head", "geometry", "rewrite", "trace"]
 
+_SHAPE = "fc2conv_shape"  # node.meta key: the node's output shape at --input-shape
 _LAYOUT_METHODS = {"permute", "transpose", "contiguous", "flatten", "view", "reshape"}
 _PASSTHROUGH_MODULES = (
     "Dropout",
@@ -99,21 +100,25 @@ def _user_frame(exc: BaseException) -> str:
 
 
 def propagate(gm: fx.GraphModule, example: torch.Tensor, label: str) -> None:
-    """Record every node's output shape at ``example`` (``node.meta['tensor_meta']``)."""
-    from torch.fx.passes.shape_prop import ShapeProp
+    """Record every node's output shape at ``example``; a failure names its node."""
+    import torch
+    from torch import fx
 
-    class Recording(ShapeProp):
+    class Recording(fx.Interpreter):
         current: Any = None
 
         def run_node(self, n: fx.Node) -> Any:
             self.current = n
-            return super().run_node(n)
+            result = super().run_node(n)
+            n.meta[_SHAPE] = tuple(result.shape) if isinstance(result, torch.Tensor) else None
+            return result
 
-    prop = Recording(gm)
+    interpreter = Recording(gm)
     try:
-        prop.propagate(example)
+        with torch.no_grad():
+            interpreter.run(example)
     except Exception as exc:
-        node = prop.current
+        node = interpreter.current
         where = f" at node {node.name} ({node.op} {node.target})" if node is not None else ""
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
@@ -122,9 +127,7 @@ def propagate(gm: fx.GraphModule, example: torch.Tensor, label: str) -> None:
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
-    meta = getattr(node, "meta", {}).get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return tuple(shape) if shape is not None else None
+    return getattr(node, "meta", {}).get(_SHAPE)
 
 
 def _kind(node: fx.Node, modules: dict[str, Any]) -> str:
@@ -408,7 +411,6 @@ def _swap_linear(
     gm: fx.GraphModule, name: str, layer: LayerPlan, checkpoint: Checkpoint, ndim: int
 ) -> None:
     """Replace module ``name`` by the conv the plan converts it into."""
-    import numpy as np
     import torch
 
     linear = gm.get_submodule(name)
@@ -430,16 +432,26 @@ def _swap_linear(
         dtype=linear.weight.dtype,
     )
     with torch.no_grad():
-        conv.weight.copy_(torch.from_numpy(np.asarray(filters, dtype=np.float64)))
+        conv.weight.copy_(_as_torch(filters))
         if linear.bias is not None:
             if layer.bias is None:
                 raise ModelError(
                     f"map layer {name!r}: the model's Linear has a bias the plan lacks"
                 )
-            bias = checkpoint.array(layer.bias.source).astype(np.float64)
-            conv.bias.copy_(torch.from_numpy(bias))
+            conv.bias.copy_(_as_torch(checkpoint.array(layer.bias.source)))
     parent, _, child = name.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, child, conv)
+
+
+def _as_torch(array: Any) -> torch.Tensor:
+    """A numpy array as a torch tensor, in one contiguous copy; bfloat16 and float8 (from
+    ml_dtypes) widened to float32 exactly, and cast back by ``copy_``."""
+    import numpy as np
+    import torch
+
+    if array.dtype not in (np.float16, np.float32, np.float64):
+        array = array.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def _swap_batchnorm1d(gm: fx.GraphModule, feature: fx.Node) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from fc2conv_cli.export.graph import Geometry, Head
@@ -181,20 +181,12 @@ def prove(subject: str, run: Runner, ref: Reference, atol: float) -> list[ProofR
         )
     )
     dense = run(ref.dense_input)
-    check = f"dense {_shape_text(ref.dense_input.shape[1:])}: every position equals the head"
-    rows.append(_compare(subject, check + " on its window", ref.windows, dense, atol))
-    if ref.grid != ref.predicted:
-        rows.append(
-            ProofRow(
-                subject,
-                "score map size as the geometry predicts",
-                ref.grid,
-                ref.predicted,
-                None,
-                0.0,
-                False,
-            )
-        )
+    check = (
+        f"dense {_shape_text(ref.dense_input.shape[1:])}: score map {_shape_text(ref.grid)} "
+        f"(geometry: {_shape_text(ref.predicted)}), every position equals the head"
+    )
+    row = _compare(subject, check + " on its window", ref.windows, dense, atol)
+    rows.append(row if ref.grid == ref.predicted else replace(row, ok=False))
     if ref.crops is not None:
         rows.append(
             _compare(
