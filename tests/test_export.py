@@ -446,3 +446,27 @@ def test_a_kernel_that_is_not_the_flattened_map_is_refused(tmp_path, run_cli):
         "map layer 'fc1': kernel [25, 1] with in_channels 16, but the graph flattens a 16 x 5x5"
         in outcome.stderr
     )
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_the_exported_file_loads_without_fc2conv_or_the_model_code(tmp_path, run_cli, suffix):
+    import subprocess
+    import sys
+
+    assert run_cli(*export_args(tmp_path, "oned", suffix)).code == 0
+    path = tmp_path / f"oned{suffix}"
+    load = (
+        f"m = torch.export.load({str(path)!r}).module(); y = m(torch.randn(1, 2, 70))"
+        if suffix == ".pt2"
+        else "import onnxruntime, numpy as np\n"
+        f"s = onnxruntime.InferenceSession({str(path)!r}, providers=['CPUExecutionProvider'])\n"
+        "y = torch.from_numpy(s.run(None, {'input': np.random.rand(1, 2, 70).astype('f')})[0])"
+    )
+    code = (
+        "import sys\nsys.modules['fc2conv_cli'] = None  # importing fc2conv now fails\n"
+        f"import torch\n{load}\nprint(tuple(y.shape))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert result.stdout.strip().splitlines()[-1] == "(1, 3, 16)", result.stderr[-2000:]

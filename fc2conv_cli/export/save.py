@@ -10,7 +10,6 @@ written under a hidden temporary name beside the target and only renamed into pl
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import secrets
@@ -108,12 +107,11 @@ def stage(
     temp = target.parent / f".{target.stem}.{secrets.token_hex(4)}.tmp{target.suffix}"
     staged = Staged(temp, target, kind, [])
     try:
-        data = (_pt2 if kind == "pt2" else _onnx)(gm, example, native, metadata, staged.notes)
-        with open(temp, "xb") as file:
-            file.write(data)
-            file.flush()
+        temp.touch(exist_ok=False)  # claims the name; the exporter then writes it in place
+        (_pt2 if kind == "pt2" else _onnx)(gm, example, native, metadata, staged.notes, temp)
+        with open(temp, "rb+") as file:
             os.fsync(file.fileno())
-        staged.nbytes = len(data)
+        staged.nbytes = temp.stat().st_size
     except OSError as exc:
         staged.discard()
         raise OutputError(f"{target}: cannot write: {exc.strerror or exc}") from None
@@ -128,7 +126,7 @@ def stage(
     return staged
 
 
-def _pt2(gm, example, native, metadata, notes) -> bytes:
+def _pt2(gm, example, native, metadata, notes, temp: Path) -> None:
     """torch.export with ``Dim``s; size-oblivious shapes where a 1-sized map would specialize."""
     import torch
     from torch.export import Dim
@@ -153,16 +151,14 @@ def _pt2(gm, example, native, metadata, notes) -> bytes:
             "torch.export needed size-oblivious shapes (backed_size_oblivious): the score map "
             "is 1 wide at the native size"
         )
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer, extra_files={_PT2_EXTRA: json.dumps(metadata)})
-    return buffer.getvalue()
+    torch.export.save(program, str(temp), extra_files={_PT2_EXTRA: json.dumps(metadata)})
 
 
 def _input_name(gm: Any) -> str:
     return next(n.name for n in gm.graph.nodes if n.op == "placeholder")
 
 
-def _onnx(gm, example, native, metadata, notes) -> bytes:
+def _onnx(gm, example, native, metadata, notes, temp: Path) -> None:
     """The TorchScript-based exporter (no onnxscript needed), with dynamic axes."""
     import onnx
     import torch
@@ -174,23 +170,22 @@ def _onnx(gm, example, native, metadata, notes) -> bytes:
     output_names = ["scores"] if count == 1 else [f"scores_{i}" for i in range(count)]
     axes = {0: "batch", **{2 + i: n for i, n in enumerate(names)}}
     out_axes = {0: "batch", **{2 + i: f"score_{n}" for i, n in enumerate(names)}}
-    buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             gm,
             (example,),
-            buffer,
+            str(temp),
             dynamo=False,
             input_names=["input"],
             output_names=output_names,
             dynamic_axes={"input": axes, **{o: out_axes for o in output_names}},
             opset_version=17,
         )
-    model = onnx.load_from_string(buffer.getvalue())
+    model = onnx.load(str(temp))
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
-    return model.SerializeToString()
+    onnx.save(model, str(temp))
 
 
 def load_exported(path: Path) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], dict]:
