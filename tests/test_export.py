@@ -470,3 +470,14 @@ def test_the_exported_file_loads_without_fc2conv_or_the_model_code(tmp_path, run
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300
     )
     assert result.stdout.strip().splitlines()[-1] == "(1, 3, 16)", result.stderr[-2000:]
+
+
+def test_the_checkpoint_is_unwrapped_as_convert_unwraps_it(tmp_path, run_cli):
+    args = export_args(tmp_path, "lenet", ".pt2", "--json", tmp_path / "r.json")
+    state = torch.load(args[1], weights_only=True)["state_dict"]
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "step": 9}, args[1])
+    outcome = run_cli(*args)
+    assert outcome.code == 0, outcome.stderr
+    notes = json.loads((tmp_path / "r.json").read_text())["notes"]
+    assert any("unwrapped the nested state dict under 'model'" in n for n in notes)
+    assert any("stripped prefix 'module.'" in n for n in notes)
