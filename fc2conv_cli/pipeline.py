@@ -136,16 +136,23 @@ def inspect(
     map_output: Path | None = None,
     force: bool = False,
     format: str | None = None,
+    prototxt: Path | None = None,
 ) -> InspectResult:
     """Summarize a checkpoint; suggest a map (and write it to ``map_output``) if asked.
 
+    ``prototxt`` is a Caffe net definition whose input shape the suggestion reads.
     Raises ``InputError`` (2).
     """
     if map_output is not None and map_output.exists() and not force:
         raise OutputError(f"{map_output}: already exists; pass --force to replace it")
     with open_checkpoint(path, format=format) as checkpoint:
         summary = summarize(checkpoint)
-        suggestion = suggest_map(checkpoint, path.name) if suggest else None
+        net = None
+        if suggest and prototxt is not None:
+            from fc2conv_cli.readers.caffe import read_prototxt
+
+            net = read_prototxt(prototxt)
+        suggestion = suggest_map(checkpoint, path.name, net) if suggest else None
     if map_output is not None and suggestion is not None:
         write_text(map_output, suggestion.text, overwrite=force)
     return InspectResult(summary, suggestion)

@@ -23,6 +23,7 @@ ORDER = [
     "manifest",
     "readers",
     "plan",
+    "evidence",
     "suggest",
     "write",
     "check",
