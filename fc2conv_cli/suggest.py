@@ -159,10 +159,11 @@ def suggest_map(
     for fc in fcs:
         (left_out if _io(fc, checkpoint)[0] in sizes else kept).append(fc)
     for fc in left_out:
+        size = _io(fc, checkpoint)[0]
         notes.append(
-            f"{fc.name} reads {_io(fc, checkpoint)[0]} features, a size a recurrent, "
-            f"attention or per-position layer reads or makes ({recurrent[0]}): it may follow "
-            "that layer, not a conv map; left out"
+            f"{fc.name} reads {size} features, a size a recurrent, attention or "
+            f"per-position layer reads or makes ({sizes[size]}): it may follow that layer, "
+            "not a conv map; left out"
         )
     if not kept:
         raise InputError(
@@ -170,8 +171,11 @@ def suggest_map(
             f"or per-position layer, or reads one's size "
             f"({', '.join(shown(t.name) for t in left_out[:3] or recurrent[:3])})"
         )
-    outs = {_io(t, checkpoint)[1] for t in kept}
-    roots = [t for t in kept if _io(t, checkpoint)[0] not in outs]
+    roots = [  # an FC no other FC feeds (a square FC does not feed itself)
+        t
+        for t in kept
+        if all(_io(o, checkpoint)[1] != _io(t, checkpoint)[0] for o in kept if o is not t)
+    ]
     if not roots:
         raise InputError(
             f"{source_name}: the FC weights form a cycle of sizes (as per-token layers of "
@@ -286,9 +290,10 @@ def _convs(checkpoint: Checkpoint) -> list[ConvInfo]:
     return convs
 
 
-def _recurrent(checkpoint: Checkpoint) -> tuple[list[str], set[int]]:
-    """(recurrent / attention tensor names, the feature sizes they read or make)."""
-    names, sizes = [], set()
+def _recurrent(checkpoint: Checkpoint) -> tuple[list[str], dict[int, str]]:
+    """(recurrent / attention tensor names, feature size they read or make -> a tensor)."""
+    names: list[str] = []
+    sizes: dict[int, str] = {}
     graph = checkpoint.graph if checkpoint.kind == "onnx" else None
     graph_inputs = {
         i
@@ -306,11 +311,15 @@ def _recurrent(checkpoint: Checkpoint) -> tuple[list[str], set[int]]:
         if not (_RECURRENT.search(info.name) or info.name in graph_inputs):
             continue
         names.append(info.name)
-        dims = info.shape[-2:]
-        sizes |= set(dims)
-        small = min(dims)
-        if max(dims) in (3 * small, 4 * small):  # gates x hidden: bidirectional doubles it
-            sizes.add(2 * small)
+        a, b = info.shape[-2:]
+        small = min(a, b)
+        found = {a, b}  # (gates x hidden, input), an attention projection: reads, makes
+        if max(a, b) in (3 * small, 4 * small):  # (gates x hidden, hidden): makes hidden
+            found = {small}
+            if "reverse" in info.name or (len(info.shape) == 3 and info.shape[0] == 2):
+                found.add(2 * small)  # a bidirectional layer: both directions side by side
+        for size in found:
+            sizes.setdefault(size, info.name)
     return names, sizes
 
 
@@ -327,16 +336,17 @@ def _no_fc_message(source: str, tensors: dict[str, TensorInfo], head: ConvInfo |
 
 
 def _conv_head(convs: list[ConvInfo]) -> ConvInfo | None:
-    """A conv with a large kernel reading the backbone's widest map: an FC turned conv
-    (timm's ``pre_logits.fc1`` (4096, 512, 7, 7)), or None."""
+    """A conv with a large kernel reading another conv's map: an FC turned conv (timm's
+    ``pre_logits.fc1`` (4096, 512, 7, 7)), or None. A first conv (AlexNet's 11x11) reads
+    the image, no conv's output."""
     if len(convs) < 2:
         return None
     sizes = sorted(math.prod(c.kernel) for c in convs)
     median = sizes[len(sizes) // 2]
     for conv in convs:
-        others = [c.out_channels for c in convs if c is not conv]
+        feeds = {c.out_channels for c in convs if c is not conv}
         big = math.prod(conv.kernel)
-        if big >= _HEAD_KERNEL and big >= _HEAD_RATIO * median and conv.in_channels == max(others):
+        if big >= _HEAD_KERNEL and big >= _HEAD_RATIO * median and conv.in_channels in feeds:
             return conv
     return None
 
