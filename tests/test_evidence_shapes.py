@@ -59,6 +59,7 @@ def test_kernel_geometry_narrows_the_shapes():
     assert orientation(tall)[0] == "tall" and map_shapes(12, 2, tall)[0][0] == (4, 3)
 
 
+@pytest.mark.slow  # trains up to seven small nets
 @pytest.mark.parametrize(
     ("order", "size"),
     [("hwc", (12, 48)), ("chw", (12, 48)), ("whc", (12, 48)), ("hwc", (28, 28)),

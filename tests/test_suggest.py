@@ -405,3 +405,31 @@ def test_empty_fc_weights_are_left_out_of_the_suggestion(run_cli, tmp_path, shap
     assert yaml.safe_load(outcome.stdout)["layers"] == [
         {"name": "head", "kernel": [2, 2], "in_channels": 4}
     ]
+
+
+def test_inspect_json_gives_every_candidate_and_the_source(run_cli, tmp_path):
+    # Smooth filters over a 2 x 6 map flattened chw: shape and order from the weights.
+    channels, height, width, out = 6, 2, 6, 48
+    h, w = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    phase = RNG.uniform(0, 2 * np.pi, (out, channels, 1, 1))
+    filters = RNG.standard_normal((out, channels, 1, 1)) * np.cos(0.6 * h + 0.5 * w + phase)
+    source = save(
+        tmp_path / "m.safetensors",
+        {"conv.weight": (channels, 3, 3, 3)},
+        **{"fc.weight": filters.reshape(out, -1).astype(np.float32)},
+    )
+    outcome = run_cli("inspect", source, "--suggest-map", "--json", tmp_path / "r.json")
+    assert outcome.code == 0, outcome.stderr
+    report = json.loads((tmp_path / "r.json").read_text())["suggested_map"]
+    assert (report["source"], report["layout"], report["kernel"]) == ("weights", "chw", [2, 6])
+    assert report["layout_source"] == report["shape_source"] == "weights"
+    assert report["reading"] is None and report["confidence"] >= 0.6
+    candidates = report["candidates"]
+    assert set(candidates[0]) == {"shape", "layout", "score", "z", "support", "confidence",
+                                  "equivalent"}  # fmt: skip
+    scored = {(tuple(m["shape"]), m["layout"]) for c in candidates for m in c["equivalent"]}
+    assert len(scored) == 6 * 6  # 1x12, 2x6, 3x4, 4x3, 6x2, 12x1, each in six orders
+    assert [c["score"] for c in candidates] == sorted(
+        (c["score"] for c in candidates), reverse=True
+    )
+    assert "map candidates" in outcome.stderr  # the table shows them too
