@@ -350,7 +350,7 @@ def render_inspect(console: Console, result: InspectResult) -> None:
     table.add_column("size", justify="right", no_wrap=True)
     for group in summary.groups:
         tensors = "; ".join(
-            f"{t.name[len(group.prefix) + 1 :] or t.name} {_shape(t.shape)} {t.dtype}"
+            f"{_member_name(t.name, group.prefix)} {_shape(t.shape)} {t.dtype}"
             for t in group.tensors
         )
         table.add_row(Text(group.prefix), group.kind, Text(tensors), _size(group.nbytes))
@@ -395,6 +395,14 @@ def render_inspect(console: Console, result: InspectResult) -> None:
             console.print(Text(f"check: {note}", style="yellow"))
         for note in suggestion.notes:
             console.print(Text(f"note: {note}", style="yellow"))
+
+
+def _member_name(name: str, prefix: str) -> str:
+    """``weight`` for ``features.0.weight`` in group ``features.0``; a name whose layer is
+    joined by ``/`` (``fc1/kernel``, Keras and TF) is shown whole."""
+    if name.startswith(prefix + ".") and len(name) > len(prefix) + 1:
+        return name[len(prefix) + 1 :]
+    return name
 
 
 def inspect_json(result: InspectResult) -> dict[str, Any]:
