@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint fmt demo bench clean
+.PHONY: install test test-fast lint fmt demo bench dist clean
 
 install: $(STAMP)
 
@@ -32,12 +32,20 @@ fmt: install
 
 demo: install
 	$(BIN)/python bench/zoo.py vgg16 demo/vgg16.safetensors
-	$(BIN)/fc2conv convert demo/vgg16.safetensors --map sample_configs/vgg16.yaml \
+	$(BIN)/fc2conv convert demo/vgg16.safetensors --map vgg16 \
 		-o demo/vgg16_fcn.safetensors --force
 
 bench: install
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_batch.py
+	$(BIN)/python bench/bench_formats.py
+
+# sdist and wheel into dist/, then twine's check of their metadata. Built with the venv's
+# own setuptools (--no-isolation): no download, and the same build on every run.
+dist: install
+	rm -rf dist build
+	$(BIN)/python -m build --no-isolation --outdir dist .
+	$(BIN)/twine check --strict dist/*
 
 clean:
-	rm -rf $(VENV) demo .pytest_cache
+	rm -rf $(VENV) demo .pytest_cache dist build

@@ -36,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "_work"
-VGG16_MAP = ROOT / "sample_configs" / "vgg16.yaml"
+VGG16_MAP = ROOT / "fc2conv_cli" / "sample_configs" / "vgg16.yaml"
 SAMPLE_INTERVAL_S = 0.010
 MIB = 1 << 20
 
@@ -53,6 +53,7 @@ class Measurement:
     vm_hwm_mib: float  # peak resident set, file-backed pages included
     returncode: int
     samples: int
+    cpu_s: float = 0.0  # user + system CPU time (less sensitive than wall to a busy machine)
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -112,6 +113,7 @@ def measure(
         vm_hwm_mib=(usage.ru_maxrss if usage.ru_maxrss > own_hwm else last_hwm) / 1024,
         returncode=proc.returncode,
         samples=samples,
+        cpu_s=usage.ru_utime + usage.ru_stime,
     )
 
 
@@ -124,6 +126,7 @@ def measure_sequence(commands: Sequence[Sequence[str]], **kwargs) -> Measurement
         vm_hwm_mib=max(p.vm_hwm_mib for p in parts),
         returncode=next((p.returncode for p in parts if p.returncode), 0),
         samples=sum(p.samples for p in parts),
+        cpu_s=sum(p.cpu_s for p in parts),
     )
 
 

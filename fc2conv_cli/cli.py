@@ -10,7 +10,6 @@ what it would still have written to that pipe is dropped.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 import traceback
@@ -95,11 +94,47 @@ copied tensor byte for byte.
 
 \b
 Example:
-  fc2conv convert vgg16.pth --map sample_configs/vgg16.yaml -o vgg16_fcn.safetensors
+  fc2conv convert vgg16.pth --map vgg16 -o vgg16_fcn.safetensors
 
 \b
 Exit codes: 0 done, every check passed; 1 a check failed (nothing written);
 2 bad input or usage (nothing written); 3 internal error (please report it).
+
+\b
+The layer map (YAML). --map takes its path, or a shipped map's name (fc2conv
+sample-configs); `fc2conv schema map` prints its JSON Schema, for editors.
+  version: 1               required
+  layout: chw              required: the flatten order feeding the first FC,
+                           slowest axis first: chw (torch), hwc (Keras NHWC),
+                           whc, cl, cdhw, ...
+  weight_format: out_in    FC weights (out, in), or in_out (in, out) as Keras
+                           Dense kernels; default: the checkpoint's stored one
+  conv_format: oihw        conv weights written oihw (torch, the default) or
+                           hwio (Keras / TF)
+  strip_prefix: module.    a prefix, or a list, removed from every tensor name
+  state_dict_key: model    the nested state dict of a training checkpoint
+  layers:                  required: the FC layers, first FC first
+    - name: classifier.0   required: finds NAME.weight or NAME/kernel (or
+                           :0 variants) and the matching bias, if any
+      rename: fc6          output prefix instead of NAME (default: keep names)
+      kernel: [7, 7]       the conv kernel: the first FC's input window;
+                           default ones, a 1x1 conv (later FCs)
+      in_channels: 512     default: in_features / prod(kernel)
+      layout: hwc          a layer's own layout, weight_format and
+      weight_format: in_out
+      conv_format: hwio    conv_format override the map's
+      weight: fc1/kernel   full tensor names, when NAME does not find them
+      bias: fc1/bias
+
+\b
+Example map (shipped as vgg16):
+  version: 1
+  layout: chw
+  weight_format: out_in
+  layers:
+    - {name: classifier.0, rename: fc6, kernel: [7, 7], in_channels: 512}
+    - {name: classifier.3, rename: fc7}
+    - {name: classifier.6, rename: fc8}
 """
 
 
@@ -120,7 +155,7 @@ def cli() -> None:
     "map_path",
     required=True,
     type=_PATH,
-    help="YAML layer map: which FC layers, their kernel and flatten layout (see README).",
+    help="YAML layer map (its keys: at the end of this help), or a shipped map's name.",
 )
 @click.option(
     "-o",
@@ -196,12 +231,14 @@ how the first FC reads the backbone's map from the file's graph or config where 
 one (ONNX, TF.js, Keras; Caffe with --prototxt); otherwise it scores every map shape
 the conv geometry allows with every flatten order on the weights' smoothness, and says
 "cannot tell" with the candidates when they do not separate. The map is commented and
-converts as written. The map goes to -o MAP.yaml, or to
-stdout (the table then goes to stderr).
+converts as written. The map goes to -o MAP.yaml, or to stdout (the table then goes to
+stderr). --schema-out writes the map's JSON Schema and starts the map with a
+`# yaml-language-server: $schema=` line pointing to it, so editors validate and
+complete the map.
 
 \b
 Example:
-  fc2conv inspect vgg16.pth --suggest-map -o vgg16.yaml
+  fc2conv inspect vgg16.pth -o vgg16.yaml --schema-out fc2conv-map.schema.json
 """
 
 
@@ -215,7 +252,15 @@ Example:
     type=_PATH,
     help="Write the suggested map here (implies --suggest-map).",
 )
-@click.option("--force", is_flag=True, help="Replace the -o file if it exists.")
+@click.option(
+    "--schema-out",
+    "schema_output",
+    metavar="PATH",
+    type=_PATH,
+    help="Write the map's JSON Schema to PATH (e.g. next to the map) and point the map's "
+    "first line at it, for editors (implies --suggest-map).",
+)
+@click.option("--force", is_flag=True, help="Replace the -o (and --schema-out) file if it exists.")
 @click.option(
     "--prototxt",
     type=_PATH,
@@ -227,6 +272,7 @@ def inspect(
     input_path: Path,
     suggest_map: bool,
     map_output: Path | None,
+    schema_output: Path | None,
     force: bool,
     prototxt: Path | None,
     json_path: str | None,
@@ -235,12 +281,16 @@ def inspect(
     from fc2conv_cli import report
     from fc2conv_cli.pipeline import inspect
 
-    suggest_map = suggest_map or map_output is not None
+    suggest_map = suggest_map or map_output is not None or schema_output is not None
     map_to_stdout = suggest_map and map_output is None
     if map_to_stdout and json_path == "-":
         raise click.UsageError("--json - and a map on stdout collide: give the map -o MAP.yaml")
-    report.check_json_path(json_path, input_path, map_output)
-    result = inspect(input_path, suggest_map, map_output, force, input_format, prototxt)
+    if schema_output and map_output and schema_output.absolute() == map_output.absolute():
+        raise click.UsageError("--schema-out and -o name the same file")
+    report.check_json_path(json_path, input_path, map_output, schema_output)
+    result = inspect(
+        input_path, suggest_map, map_output, force, input_format, schema_output, prototxt
+    )
     report.render_inspect(report.make_console(stderr=map_to_stdout or json_path == "-"), result)
     if map_to_stdout:
         report.write_stdout(result.suggestion.text)
@@ -257,7 +307,7 @@ nothing may be missing or extra. Prints the same table (and --json) as convert.
 
 \b
 Example:
-  fc2conv verify vgg16.pth vgg16_fcn.safetensors --map sample_configs/vgg16.yaml
+  fc2conv verify vgg16.pth vgg16_fcn.safetensors --map vgg16
 
 \b
 Exit codes: 0 all good; 1 any difference (the table and the error line say which);
@@ -273,7 +323,7 @@ Exit codes: 0 all good; 1 any difference (the table and the error line say which
     "map_path",
     required=True,
     type=_PATH,
-    help="The layer map the file was converted with.",
+    help="The layer map the file was converted with (a path, or a shipped map's name).",
 )
 @_json_option
 @_atol_option
@@ -312,17 +362,41 @@ under output_dir with the suffix .safetensors):
   output_dir: converted/
   jobs:
     - inputs: "vgg16/**/*.pth"
-      map: ../sample_configs/vgg16.yaml
+      map: vgg16            # a path, or a shipped map's name
+    - inputs: "web/**/model.json"
+      map: web.yaml
+      format: tfjs
+
+Each file's format is found as `convert` finds it, or named by its group's optional
+format: key (--format for INPUT files). Without format:, a glob takes the files whose
+suffix names a format fc2conv reads (of .json files only model.json, TF.js's name);
+with it, every file it matches.
 
 \b
 Examples:
-  fc2conv batch zoo/manifest.yaml --jobs 4
-  fc2conv batch --map sample_configs/vgg16.yaml -o converted/ ckpts/*.pth
+  fc2conv batch zoo/manifest.yaml --jobs 4 --timeout 600
+  fc2conv batch --map vgg16 -o converted/ ckpts/*.pth
 
 \b
-Exit codes: 0 every file converted or up to date; 1 a file failed or a check failed;
-2 bad manifest or usage; 130 interrupted (finished outputs kept, no temp files left).
+Exit codes: 0 every file converted or up to date (or an empty shard); 1 a file failed,
+a check failed or a file timed out; 2 bad manifest or usage; 130 interrupted (finished
+outputs kept, no temp files left).
 """
+
+
+class _Seconds(click.ParamType):
+    """A finite number of seconds > 0."""
+
+    name = "seconds"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None):
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number <= 0:
+            self.fail(f"expected a finite number of seconds > 0, got {value!r}", param, ctx)
+        return number
 
 
 def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
@@ -340,7 +414,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
     "--map",
     "map_path",
     type=_PATH,
-    help="Layer map for INPUT files (instead of a manifest).",
+    help="Layer map for INPUT files (instead of a manifest): a path or a shipped name.",
 )
 @click.option(
     "-o",
@@ -352,9 +426,15 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
     "-j",
     "--jobs",
     type=click.IntRange(min=1),
-    default=os.cpu_count() or 1,
-    show_default="number of cores",
-    help="Worker processes.",
+    help="Worker processes. Default: the CPUs this process may use, i.e. its CPU affinity "
+    "capped by a cgroup CPU quota (rounded up), not the machine's core count.",
+)
+@click.option(
+    "--timeout",
+    type=_Seconds(),
+    metavar="SECONDS",
+    help="Stop a file that runs longer than this (its worker is killed and replaced, its "
+    "temp file removed) and report it 'timed out'.",
 )
 @click.option(
     "--shard",
@@ -368,11 +448,19 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
 @click.option("--fail-fast", is_flag=True, help="Start no new file after the first failure.")
 @_atol_option
 @_seed_option
+@click.option(
+    "--format",
+    "input_format",
+    type=click.Choice(_FORMATS),
+    help="Read the INPUT files (with --map) as this format; in a manifest, give a job "
+    "group a format: key instead. By default each file's is found from its content.",
+)
 def batch(
     paths: tuple[Path, ...],
     map_path: Path | None,
     output_dir: Path | None,
-    jobs: int,
+    jobs: int | None,
+    timeout: float | None,
     shard: tuple[int, int] | None,
     json_path: str | None,
     force: bool,
@@ -380,24 +468,39 @@ def batch(
     fail_fast: bool,
     atol: float,
     seed: int,
+    input_format: str | None,
 ) -> int:
+    from rich.text import Text
+
     from fc2conv_cli import report
-    from fc2conv_cli.batch import BatchOptions, run_batch
+    from fc2conv_cli.batch import BatchOptions, BatchResult, available_cpus, run_batch
     from fc2conv_cli.manifest import items_from_inputs, read_manifest, select_shard
 
     report.check_json_path(json_path, map_path, *paths)  # before the manifest is read, too
     if map_path is not None:
         if output_dir is None:
             raise click.UsageError("with --map, give the output folder with -o OUTDIR")
-        items = items_from_inputs(paths, map_path, output_dir)
+        items = items_from_inputs(paths, map_path, output_dir, input_format)
     elif len(paths) != 1:
         raise click.UsageError("give one MANIFEST.yaml, or --map MAP.yaml with INPUT files")
+    elif input_format is not None:
+        raise click.UsageError(
+            "--format applies to INPUT files with --map; in a manifest, give the job group "
+            "a format: key"
+        )
     else:
         items = read_manifest(paths[0], output_dir)
     report.check_json_path(json_path, *(p for i in items for p in (i.input, i.map_path, i.output)))
     if shard is not None:
-        items = select_shard(items, *shard)
-    options = BatchOptions(jobs, force, dry_run, fail_fast, atol, seed)
+        total, items = len(items), select_shard(items, *shard)
+        if not items:
+            line = f"shard {shard[0]}/{shard[1]} is empty ({total} files in all); nothing to do"
+            report.make_console(stderr=json_path == "-").print(Text(line), soft_wrap=True)
+            if json_path:
+                report.write_json(json_path, report.batch_json(BatchResult((), 0.0)))
+            return 0
+    jobs = jobs if jobs is not None else available_cpus()
+    options = BatchOptions(jobs, force, dry_run, fail_fast, atol, seed, timeout)
     messages = report.make_console(stderr=True)
     total_bytes = sum(item.input.stat().st_size for item in items)
     with report.BatchProgress(messages, len(items), total_bytes) as progress:
@@ -406,6 +509,73 @@ def batch(
     if json_path:
         report.write_json(json_path, report.batch_json(result))
     return result.exit_code
+
+
+_SAMPLE_CONFIGS_HELP = """List the layer maps shipped with fc2conv; with NAME, print that map.
+
+Every --map (convert, verify, batch) and a manifest's map: take a shipped map's name
+in place of a path: a bare name, with no folder and no .yaml suffix, that is not a file
+in the current folder (or the manifest's).
+
+\b
+Examples:
+  fc2conv sample-configs
+  fc2conv sample-configs vgg16 > my_vgg16.yaml
+  fc2conv convert vgg16.pth --map vgg16 -o vgg16_fcn.safetensors
+"""
+
+
+@cli.command("sample-configs", help=_SAMPLE_CONFIGS_HELP)
+@click.argument("name", required=False)
+def sample_configs_command(name: str | None) -> int:
+    from fc2conv_cli.layer_map import sample_configs
+    from fc2conv_cli.report import write_stdout
+
+    configs = sample_configs()
+    if name is None:
+        width = max(map(len, configs))
+        write_stdout("".join(f"{n:<{width}}  {_summary(p)}\n" for n, p in configs.items()))
+        return 0
+    if name not in configs:
+        raise click.BadParameter(
+            f"no shipped map {name!r}; shipped: {', '.join(configs)}", param_hint="NAME"
+        )
+    write_stdout(configs[name].read_text(encoding="utf-8"))
+    return 0
+
+
+def _summary(path: Path) -> str:
+    """A sample map's opening comment up to its first colon (what network it is for),
+    at most 64 characters."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    comment = " ".join(line.lstrip("# ").strip() for line in lines if line.startswith("#"))
+    summary = comment.split(": ")[0]
+    return summary if len(summary) <= 64 else summary[:61].rsplit(" ", 1)[0] + " ..."
+
+
+_SCHEMA_HELP = """Print the JSON Schema (draft 2020-12) of a layer map or a batch manifest.
+
+Editors that use yaml-language-server (VS Code's YAML extension, Neovim, Helix, ...)
+then validate and complete a map that starts with a line naming the schema file:
+
+\b
+  fc2conv schema map > fc2conv-map.schema.json
+  # first line of my_map.yaml:
+  # yaml-language-server: $schema=fc2conv-map.schema.json
+
+`fc2conv inspect CKPT -o MAP.yaml --schema-out PATH` writes both. The checks fc2conv
+runs on a map stay the final word.
+"""
+
+
+@cli.command(help=_SCHEMA_HELP)
+@click.argument("kind", type=click.Choice(["map", "manifest"]))
+def schema(kind: str) -> int:
+    from fc2conv_cli.report import write_stdout
+    from fc2conv_cli.schema import schema_text
+
+    write_stdout(schema_text(kind))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

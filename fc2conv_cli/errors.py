@@ -18,6 +18,7 @@ __all__ = [
     "CheckpointError",
     "Fc2convError",
     "InputError",
+    "InternalError",
     "ManifestError",
     "MapError",
     "OutputError",
@@ -97,6 +98,17 @@ class OutputError(InputError):
     """The output cannot be written where asked (exists, same as input, folder, disk)."""
 
     code = "output_error"
+
+
+class InternalError(Fc2convError):
+    """fc2conv caught itself about to do something wrong (a bug); exit code 3.
+
+    Raised where a self-check fails, e.g. a staged file that the ``safetensors`` library
+    refuses or reads differently from the plan; nothing was published.
+    """
+
+    exit_code = EXIT_INTERNAL_ERROR
+    code = "internal_error"
 
 
 class CheckFailed(Fc2convError):

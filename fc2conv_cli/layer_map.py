@@ -16,6 +16,7 @@ from fc2conv_cli.errors import MapError, shown
 from fc2conv_cli.layout import ConvFormat, Layout, WeightFormat
 
 __all__ = [
+    "SAMPLE_CONFIGS",
     "SUPPORTED_VERSIONS",
     "DuplicateKeyError",
     "LayerMap",
@@ -23,8 +24,14 @@ __all__ = [
     "load_yaml",
     "parse_layer_map",
     "read_layer_map",
+    "resolve_map_path",
+    "sample_configs",
     "yaml_problem",
 ]
+
+# The sample maps shipped inside the package; ``--map vgg16`` names one of them.
+SAMPLE_CONFIGS = Path(__file__).resolve().parent / "sample_configs"
+_MAP_SUFFIXES = (".yaml", ".yml")
 
 SUPPORTED_VERSIONS = (1,)
 _TOP_KEYS = (
@@ -93,12 +100,40 @@ class LayerMap:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
 
+def sample_configs() -> dict[str, Path]:
+    """The shipped sample maps, name (file stem) -> path, sorted by name."""
+    return {p.stem: p for p in sorted(SAMPLE_CONFIGS.glob("*.yaml"))}
+
+
+def _is_bare_name(path: Path) -> bool:
+    text = str(path)
+    return "/" not in text and "\\" not in text and path.suffix.lower() not in _MAP_SUFFIXES
+
+
+def resolve_map_path(path: Path, folder: Path | None = None) -> Path:
+    """Where the map ``path`` (relative to ``folder``, if given) is read from.
+
+    A bare name (no folder, no ``.yaml``/``.yml`` suffix) that is not an existing file
+    names a shipped sample map, so ``--map vgg16`` works from any folder; anything else
+    is the path itself.
+    """
+    local = path if folder is None else folder / path
+    if local.exists() or not _is_bare_name(path):
+        return local
+    return sample_configs().get(str(path), local)
+
+
 def read_layer_map(path: Path) -> LayerMap:
-    """Read and validate a layer map file; raises ``MapError`` naming file, layer and key."""
+    """Read and validate a layer map file (or a shipped one by name, see
+    ``resolve_map_path``); raises ``MapError`` naming file, layer and key."""
+    bare = _is_bare_name(path)
+    path = resolve_map_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise MapError([f"{path}: layer map not found"]) from None
+        shipped = ", ".join(sample_configs())
+        hint = f", nor a shipped sample map ({shipped})" if bare else ""
+        raise MapError([f"{path}: layer map not found{hint}"]) from None
     except IsADirectoryError:
         raise MapError([f"{path}: layer map is a directory, expected a YAML file"]) from None
     except UnicodeDecodeError:
@@ -313,7 +348,12 @@ class _Validator:
         in_channels = layer.get("in_channels")
         if in_channels is not None and not _is_positive_int(in_channels):
             self.problem(where, "in_channels", "a positive integer", in_channels)
-        layout = self.layout(where, layer["layout"]) if "layout" in layer else default_layout
+        # Given as null, a layer's layout is refused rather than the layer silently dropped.
+        layout = (
+            self.layout(where, layer["layout"], required=True)
+            if "layout" in layer
+            else default_layout
+        )
         if layout is not None and layout.spatial_ndim != ndim:
             self.problem(
                 where,

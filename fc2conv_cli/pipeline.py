@@ -16,6 +16,7 @@ from fc2conv_cli.errors import EXIT_CHECK_FAILED, EXIT_OK, CheckFailed, OutputEr
 from fc2conv_cli.layer_map import read_layer_map
 from fc2conv_cli.plan import Plan, build_plan
 from fc2conv_cli.readers import open_checkpoint, open_safetensors, sha256_in_background
+from fc2conv_cli.schema import language_server_line, schema_text
 from fc2conv_cli.suggest import CheckpointSummary, SuggestedMap, suggest_map, summarize
 from fc2conv_cli.write import check_output_path, write_safetensors, write_text
 
@@ -136,15 +137,19 @@ def inspect(
     map_output: Path | None = None,
     force: bool = False,
     format: str | None = None,
+    schema_output: Path | None = None,
     prototxt: Path | None = None,
 ) -> InspectResult:
     """Summarize a checkpoint; suggest a map (and write it to ``map_output``) if asked.
 
-    ``prototxt`` is a Caffe net definition whose input shape the suggestion reads.
-    Raises ``InputError`` (2).
+    With ``schema_output``, the map's JSON Schema is written there and the suggested map
+    starts with a ``# yaml-language-server: $schema=`` line pointing to it (relative to
+    the map's folder, or to the current one for a map on stdout). ``prototxt`` is a Caffe
+    net definition whose input shape the suggestion reads. Raises ``InputError`` (2).
     """
-    if map_output is not None and map_output.exists() and not force:
-        raise OutputError(f"{map_output}: already exists; pass --force to replace it")
+    for target in (map_output, schema_output):
+        if target is not None and target.exists() and not force:
+            raise OutputError(f"{target}: already exists; pass --force to replace it")
     with open_checkpoint(path, format=format) as checkpoint:
         summary = summarize(checkpoint)
         net = None
@@ -153,6 +158,11 @@ def inspect(
 
             net = read_prototxt(prototxt)
         suggestion = suggest_map(checkpoint, path.name, net) if suggest else None
+    if schema_output is not None and suggestion is not None:
+        folder = map_output.parent if map_output is not None else Path.cwd()
+        header = language_server_line(schema_output, folder)
+        suggestion = replace(suggestion, text=header + suggestion.text)
+        write_text(schema_output, schema_text("map"), overwrite=force)
     if map_output is not None and suggestion is not None:
         write_text(map_output, suggestion.text, overwrite=force)
     return InspectResult(summary, suggestion)

@@ -1,15 +1,18 @@
 """Write the planned tensors as ``.safetensors``: atomically, deterministically, in bounded memory.
 
 The file is staged as a hidden temp file in the target folder and only published (renamed
-into place) after the caller's checks pass; on any failure nothing is left behind.
+into place) after the caller's checks pass and the ``safetensors`` library itself has read
+its index back; on any failure (any exception, on any filesystem) nothing is left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import re
 import secrets
 import threading
 from collections.abc import Callable, Mapping
@@ -17,15 +20,18 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
-from fc2conv_cli.errors import OutputError
+from fc2conv_cli.errors import InternalError, OutputError, shown
 from fc2conv_cli.layout import WeightFormat
 from fc2conv_cli.plan import Plan, PlannedTensor
 from fc2conv_cli.readers import Checkpoint
 
 __all__ = [
     "CHUNK_BYTES",
+    "CONVERSION_KEY",
+    "CONVERSION_VERSION",
     "StagedFile",
     "check_output_path",
+    "is_temp_file",
     "remove_temp_files",
     "write_safetensors",
     "write_text",
@@ -35,13 +41,35 @@ __all__ = [
 # the checkpoint's size; 8 MiB is large enough that per-call overhead is negligible.
 CHUNK_BYTES = 8 << 20
 
+# Bumped whenever fc2conv writes different bytes for the same input and map (tensor data,
+# header layout, metadata keys): `batch` converts outputs of another conversion version
+# again, and skips those of the same one whatever fc2conv version wrote them.
+# tests/test_write.py pins this version's output bytes.
+CONVERSION_VERSION = 1
+CONVERSION_KEY = "conversion_version"
+
+# errno values with which link() says "no hard links here" (vfat, exFAT, SMB, FUSE, ...).
+_NO_HARD_LINKS = frozenset(
+    getattr(errno, name)
+    for name in ("EPERM", "EACCES", "ENOTSUP", "EOPNOTSUPP", "EXDEV", "ENOSYS", "EMLINK", "EINVAL")
+    if hasattr(errno, name)
+)
+# errno values with which fsync() of a folder says "not supported here".
+_NO_DIR_SYNC = frozenset(
+    getattr(errno, name)
+    for name in ("EINVAL", "ENOTSUP", "EOPNOTSUPP", "EBADF", "EACCES", "EPERM", "EISDIR")
+    if hasattr(errno, name)
+)
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # manifest.TEMP_NAME is the same
+
 
 @dataclass
 class StagedFile:
     """The output's data, written under a temporary name beside ``target``.
 
     Its header holds a placeholder digest until ``seal``; the data is already flushing to
-    disk in the background, so checks can read it meanwhile. Then ``publish``.
+    disk in the background, so checks can read it meanwhile. Then ``publish``. Every
+    method removes the temp file when it fails, whatever the exception.
     """
 
     temp: Path
@@ -50,32 +78,41 @@ class StagedFile:
     _fd: int | None
     _seal_header: Callable[[str], bytes]
     _flushing: Future[None]
+    _index: dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype, shape), as planned
+    _metadata: dict[str, str]  # as written by seal
 
     def seal(self, source_sha256: str) -> None:
         """Write the final header with the source's digest and make the file durable."""
-        header = self._seal_header(source_sha256)
+        fd = self._fd
         try:
-            os.pwrite(self._fd, header, 0)
+            header = self._seal_header(source_sha256)
+            os.pwrite(fd, header, 0)
             self._flushing.result()
-            os.fsync(self._fd)
+            os.fsync(fd)
+            self._fd = None  # before close: a failed close must not be retried on a reused fd
+            os.close(fd)
         except OSError as exc:
             left = self.discard()
             raise OutputError(f"{self.target}: cannot write: {exc.strerror or exc}{left}") from None
-        os.close(self._fd)
-        self._fd = None
+        except BaseException:
+            self.discard()
+            raise
+        self._metadata["source_sha256"] = source_sha256
 
     def publish(self, overwrite: bool) -> None:
-        """Move the sealed file into place atomically; without ``overwrite`` never replace one."""
-        if self._fd is not None:
-            raise ValueError("seal() the staged file before publishing it")
+        """Move the sealed file into place atomically; without ``overwrite`` never replace one.
+
+        First the ``safetensors`` library opens the staged file (a header parse, no tensor
+        copies) and its index must equal the plan: a file it refuses is never published.
+        """
         try:
+            if self._fd is not None:
+                raise ValueError("seal() the staged file before publishing it")
+            _check_with_safetensors(self.temp, self.target, self._index, self._metadata)
             if overwrite:
                 os.replace(self.temp, self.target)
             else:
-                # link() fails if the target exists, even one created a moment ago.
-                os.link(self.temp, self.target)
-                os.unlink(self.temp)
-            _fsync_dir(self.target.parent)
+                _publish_exclusive(self.temp, self.target)
         except OSError as exc:
             reason = (
                 "already exists; pass --force to replace it"
@@ -83,6 +120,10 @@ class StagedFile:
                 else f"cannot publish: {exc.strerror or exc}"
             )
             raise OutputError(f"{self.target}: {reason}{self.discard()}") from None
+        except BaseException:
+            self.discard()
+            raise
+        _fsync_dir(self.target)
 
     def discard(self) -> str:
         """Close and remove the temp file if it is still there; never raises.
@@ -90,12 +131,17 @@ class StagedFile:
         Returns "" or, when the file cannot be removed (a folder made read-only), a note
         naming it, for the caller's message.
         """
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                self._flushing.result()
-            os.close(self._fd)
-            self._fd = None
-        return _remove(self.temp)
+        fd, self._fd = self._fd, None
+        try:
+            if fd is not None:
+                with contextlib.suppress(Exception):  # its failure is reported elsewhere
+                    self._flushing.result()  # never close the fd under a running fdatasync
+        finally:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            left = _remove(self.temp)
+        return left
 
 
 def check_output_path(source: Path, target: Path, overwrite: bool) -> None:
@@ -122,15 +168,17 @@ def write_safetensors(
 ) -> StagedFile:
     """Write ``plan`` to a temp file beside ``target``; returns it staged, not published.
 
-    ``metadata`` goes into ``__metadata__``; ``source_sha256`` is added by ``seal`` (the
-    digest of a large input may still be computing while the data is written and checked).
-    Raises ``OutputError`` on any OS error; the temp file is removed on every failure.
+    ``metadata`` goes into ``__metadata__`` with ``conversion_version``; ``source_sha256``
+    is added by ``seal`` (the digest of a large input may still be computing while the data
+    is written and checked). Raises ``OutputError`` on any OS error; the temp file is
+    removed on every failure, whatever the exception.
     """
+    written = {**metadata, CONVERSION_KEY: str(CONVERSION_VERSION)}
 
     def header(source_sha256: str) -> bytes:
         if len(source_sha256) != 64:
             raise ValueError("source_sha256 must be a 64-character hex digest")
-        return _header(plan, {**metadata, "source_sha256": source_sha256})
+        return _header(plan, {**written, "source_sha256": source_sha256})
 
     temp = _temp_path(target)
     try:
@@ -145,6 +193,7 @@ def write_safetensors(
             for planned in plan.tensors:
                 _write_tensor(file, planned, checkpoint)
             size = file.tell()
+        flushing = _flush_in_background(fd)
     except OSError as exc:
         os.close(fd)
         left = _remove(temp)
@@ -153,7 +202,8 @@ def write_safetensors(
         os.close(fd)
         _remove(temp)
         raise
-    return StagedFile(temp, target, size, fd, header, _flush_in_background(fd))
+    index = {t.name: (t.dtype, tuple(t.shape)) for t in plan.tensors}
+    return StagedFile(temp, target, size, fd, header, flushing, index, dict(written))
 
 
 def write_text(target: Path, text: str, overwrite: bool) -> None:
@@ -168,10 +218,21 @@ def write_text(target: Path, text: str, overwrite: bool) -> None:
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temp, target)
+        if overwrite:
+            os.replace(temp, target)
+        else:
+            _publish_exclusive(temp, target)
     except OSError as exc:
         left = _remove(temp)
-        raise OutputError(f"{target}: cannot write: {exc.strerror or exc}{left}") from None
+        reason = (
+            "already exists; pass --force to replace it"
+            if isinstance(exc, FileExistsError)
+            else f"cannot write: {exc.strerror or exc}"
+        )
+        raise OutputError(f"{target}: {reason}{left}") from None
+    except BaseException:
+        _remove(temp)
+        raise
 
 
 def _header(plan: Plan, metadata: Mapping[str, str]) -> bytes:
@@ -221,12 +282,12 @@ def _write_tensor(file, planned: PlannedTensor, checkpoint: Checkpoint) -> None:
 
 
 def _flush_in_background(fd: int) -> Future[None]:
-    """Start writing the data to disk while the caller checks it (fdatasync drops the GIL)."""
+    """Start writing the data to disk while the caller checks it (the sync drops the GIL)."""
     future: Future[None] = Future()
 
     def run() -> None:
         try:
-            os.fdatasync(fd)
+            _sync_data(fd)
             future.set_result(None)
         except BaseException as exc:  # handed to seal(), which reports it
             future.set_exception(exc)
@@ -235,9 +296,109 @@ def _flush_in_background(fd: int) -> Future[None]:
     return future
 
 
+def _sync_data(fd: int) -> None:
+    """``fdatasync`` where the platform has it (not macOS, not Windows), else ``fsync``."""
+    sync = getattr(os, "fdatasync", None) or os.fsync
+    sync(fd)
+
+
+def _check_with_safetensors(
+    temp: Path, target: Path, index: Mapping[str, tuple[str, tuple[int, ...]]], metadata: Mapping
+) -> None:
+    """Open the staged file with the ``safetensors`` library; its index must be the plan's.
+
+    Raises ``InternalError`` (a bug: exit 3) when it refuses the file or reads another
+    index or metadata, ``OutputError`` when the installed version is too old for a dtype.
+    """
+    import safetensors  # its Rust header parser: an independent reader of what we wrote
+
+    try:
+        with safetensors.safe_open(str(temp), framework="numpy") as file:
+            slices = {name: file.get_slice(name) for name in file.keys()}  # noqa: SIM118
+            found = {n: (s.get_dtype(), tuple(s.get_shape())) for n, s in slices.items()}
+            found_metadata = file.metadata() or {}
+    # safetensors raises SafetensorError on a bad file, other types in older versions:
+    # whatever it raises here means it refused the file.
+    except Exception as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        unknown = re.search(r"unknown variant `([^`]+)`", reason)
+        if unknown and unknown.group(1) in {dtype for dtype, _ in index.values()}:
+            raise OutputError(
+                f"{target}: the installed safetensors {safetensors.__version__} cannot read "
+                f"dtype {unknown.group(1)}; upgrade it (pip install -U safetensors); "
+                "nothing was published"
+            ) from None
+        raise InternalError(
+            f"{target}: internal error: the safetensors library refuses the file fc2conv "
+            f"wrote ({reason[:300]}); nothing was published; this is a bug, please report it"
+        ) from None
+    differences = _index_differences(dict(index), found)
+    if dict(found_metadata) != dict(metadata):
+        differences.append("the metadata differs")
+    if differences:
+        raise InternalError(
+            f"{target}: internal error: the safetensors library reads the file fc2conv wrote "
+            f"differently from the plan ({'; '.join(differences)[:300]}); nothing was "
+            "published; this is a bug, please report it"
+        )
+
+
+def _index_differences(planned: dict, found: dict) -> list[str]:
+    """How the index read back differs from the planned one, one phrase per tensor."""
+    differences = [f"{shown(n)} is missing" for n in planned if n not in found]
+    differences += [f"{shown(n)} is not planned" for n in found if n not in planned]
+    for name in planned.keys() & found.keys():
+        if planned[name] != found[name]:
+            (dtype, shape), (got_dtype, got_shape) = planned[name], found[name]
+            differences.append(
+                f"{shown(name)}: {got_dtype} {list(got_shape)}, planned {dtype} {list(shape)}"
+            )
+    return sorted(differences)
+
+
+def _publish_exclusive(temp: Path, target: Path) -> None:
+    """Move ``temp`` to ``target`` only if no ``target`` exists (else ``FileExistsError``).
+
+    ``link`` fails if the target exists, even one created a moment ago. Where the
+    filesystem has no hard links, the target name is claimed by creating it exclusively,
+    then the temp file is renamed over the (empty) claim; a failed rename removes it.
+    """
+    try:
+        os.link(temp, target)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        _claim_and_replace(temp, target)
+        return
+    os.unlink(temp)
+
+
+def _claim_and_replace(temp: Path, target: Path) -> None:
+    claim = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        claimed = os.fstat(claim)
+    finally:
+        os.close(claim)
+    try:
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):  # remove the claim, and only the claim
+            now = os.stat(target)
+            if (now.st_dev, now.st_ino, now.st_size) == (claimed.st_dev, claimed.st_ino, 0):
+                os.unlink(target)
+        raise
+
+
 def _temp_path(target: Path) -> Path:
     """A fresh hidden temp name beside ``target``: ``.NAME.TOKEN.tmp``."""
     return target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+
+
+def is_temp_file(path: Path) -> bool:
+    """True for a name ``_temp_path`` makes: a file being written, or left by a killed one."""
+    return _TEMP_NAME.fullmatch(path.name) is not None
 
 
 def remove_temp_files(target: Path) -> None:
@@ -257,10 +418,18 @@ def _remove(path: Path) -> str:
     return ""
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable."""
-    fd = os.open(folder, os.O_RDONLY)
+def _fsync_dir(target: Path) -> None:
+    """Make the rename of ``target`` durable, where the filesystem can sync a folder."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno in _NO_DIR_SYNC:
+            return  # e.g. SMB, some FUSE filesystems, Windows: the rename is all there is
+        raise OutputError(
+            f"{target}: published, but its folder could not be synced to disk: "
+            f"{exc.strerror or exc}"
+        ) from None

@@ -35,4 +35,4 @@ def run_cli(capsys):
 
 @pytest.fixture
 def sample_configs() -> Path:
-    return ROOT / "sample_configs"
+    return ROOT / "fc2conv_cli" / "sample_configs"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
+
+from fc2conv_cli.batch import BatchOptions, process_item
+from fc2conv_cli.manifest import read_manifest
+from fc2conv_cli.write import CONVERSION_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -306,15 +312,137 @@ def test_a_changed_source_or_map_is_converted_again(run_cli, zoo, tmp_path):
     assert found == dict.fromkeys(GOOD, "converted")
 
 
-def test_a_damaged_output_is_converted_again(run_cli, zoo):
+def test_a_damaged_output_of_fc2conv_is_converted_again(run_cli, zoo):
+    # Its header (and so its metadata) intact, its data cut short: fc2conv's own file.
     zoo.write_manifest(bad=False)
     assert batch(run_cli, zoo)[0].code == 0
     damaged = zoo.output("good/a.safetensors")
-    damaged.write_bytes(damaged.read_bytes()[:40])
+    damaged.write_bytes(damaged.read_bytes()[:-4])
     outcome, found = batch(run_cli, zoo)
     assert outcome.code == 0, outcome.stderr
-    assert found["good/a.safetensors"] == "converted"
+    assert found == {**dict.fromkeys(GOOD, "up to date"), "good/a.safetensors": "converted"}
     assert load_file(str(damaged))["fc.weight"].shape == (5, 4, 2, 3)
+
+
+def _foreign(path: Path, kind: str) -> None:
+    """An output fc2conv did not write."""
+    if kind == "plain safetensors":
+        save_file(tensors(7), str(path))
+    elif kind == "other metadata":
+        save_file(tensors(7), str(path), metadata={"format": "pt", "source_sha256": "0" * 64})
+    elif kind == "header cut short":  # whose file it was, nobody can tell
+        path.write_bytes(path.read_bytes()[:40])
+    else:
+        path.write_text("my notes, not a checkpoint\n")
+
+
+@pytest.mark.parametrize(
+    "kind", ["plain safetensors", "other metadata", "header cut short", "not safetensors"]
+)
+def test_an_output_fc2conv_did_not_write_is_never_replaced_without_force(run_cli, zoo, kind):
+    zoo.write_manifest(bad=False)
+    assert batch(run_cli, zoo)[0].code == 0
+    theirs = zoo.output("good/a.safetensors")
+    _foreign(theirs, kind)
+    before = theirs.read_bytes()
+    for extra in ((), ("--dry-run",)):
+        outcome, found = batch(run_cli, zoo, *extra)
+        assert outcome.code == 1, outcome.stderr
+        assert found == {**dict.fromkeys(GOOD, "up to date"), "good/a.safetensors": "error"}
+        [line] = [line for line in outcome.stderr.splitlines() if " error: " in line]
+        assert f"{theirs}: exists and fc2conv did not write it" in line
+        assert line.endswith("pass --force to replace it")
+        assert theirs.read_bytes() == before
+    outcome, found = batch(run_cli, zoo, "--force")
+    assert outcome.code == 0, outcome.stderr
+    assert found == dict.fromkeys(GOOD, "converted")
+    assert load_file(str(theirs))["fc.weight"].shape == (5, 4, 2, 3)
+    assert temp_files(zoo.root) == []
+
+
+def _rewrite_metadata(path: Path, **changes: str | None) -> None:
+    """Save ``path`` again (through safetensors) with its metadata changed."""
+    with safe_open(str(path), framework="numpy") as file:
+        metadata = dict(file.metadata())
+    for key, value in changes.items():
+        if value is None:
+            metadata.pop(key)
+        else:
+            metadata[key] = value
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    ("changes", "status"),
+    [
+        ({"fc2conv_version": "0.0.1"}, "up to date"),  # another version, the same conversion
+        ({"conversion_version": "0"}, "converted"),  # a version whose conversion differed
+        ({"conversion_version": str(CONVERSION_VERSION + 1)}, "converted"),
+        ({"conversion_version": None}, "converted"),  # written before conversion versions
+    ],
+    ids=["fc2conv_version", "older conversion", "newer conversion", "no conversion_version"],
+)
+def test_outputs_of_another_conversion_version_are_converted_again(run_cli, zoo, changes, status):
+    zoo.write_manifest(bad=False)
+    assert batch(run_cli, zoo)[0].code == 0
+    relative = "good/nested/b.safetensors"
+    expected = zoo.output(relative).read_bytes()
+    _rewrite_metadata(zoo.output(relative), **changes)
+    rewritten = zoo.output(relative).read_bytes()
+    outcome, found = batch(run_cli, zoo)
+    assert outcome.code == 0, outcome.stderr
+    assert found == {**dict.fromkeys(GOOD, "up to date"), relative: status}
+    if status == "converted":
+        assert zoo.output(relative).read_bytes() == expected
+    else:
+        assert zoo.output(relative).read_bytes() == rewritten  # left alone
+
+
+def test_an_output_that_appears_during_the_batch_is_kept(run_cli, zoo, monkeypatch):
+    # Checked missing, then someone else's file arrives before the publish: never clobbered.
+    from fc2conv_cli import batch as batch_module
+    from fc2conv_cli import pipeline
+
+    zoo.write_manifest(bad=False)
+    theirs = zoo.output("good/a.safetensors")
+    original = pipeline.convert
+
+    def convert_meanwhile(options):
+        if options.output == theirs:
+            theirs.parent.mkdir(parents=True, exist_ok=True)
+            theirs.write_bytes(b"arrived meanwhile")
+        return original(options)
+
+    monkeypatch.setattr(batch_module, "convert", convert_meanwhile)
+    # In-process, so the patch applies: one item at a time through process_item.
+    items = read_manifest(zoo.manifest)
+    outcomes = {o.item.relative: o for o in map(lambda i: process_item(i, BatchOptions()), items)}
+    assert outcomes["good/a.safetensors"].status.value == "error"
+    assert "already exists" in outcomes["good/a.safetensors"].error
+    assert theirs.read_bytes() == b"arrived meanwhile"
+    assert all(
+        o.status.value == "converted" for r, o in outcomes.items() if r != "good/a.safetensors"
+    )
+    assert temp_files(zoo.root) == []
+
+
+def test_a_glob_over_the_whole_tree_never_takes_the_batchs_own_outputs(run_cli, zoo):
+    # output_dir (converted/) lies inside the tree the glob walks.
+    zoo.manifest.write_text(
+        "version: 1\noutput_dir: converted/\njobs:\n"
+        "  - {inputs: '**/*.safetensors', map: maps/map.yaml}\n"
+        "  - {inputs: '**/*.pth', map: maps/map.yaml}\n"
+    )
+    for relative in (TRUNCATED, MISFIT):
+        zoo.input(relative).unlink()
+    outcome, found = batch(run_cli, zoo)
+    assert outcome.code == 0, outcome.stderr
+    assert found == dict.fromkeys(GOOD, "converted")
+    (zoo.out / "good" / ".a.safetensors.0123abcd.tmp").write_bytes(b"a killed writer's")
+    outcome, found = batch(run_cli, zoo)
+    assert outcome.code == 0, outcome.stderr
+    assert found == dict.fromkeys(GOOD, "up to date")  # converted/** is not an input
+    assert not (zoo.out / "converted").exists()
 
 
 # ------------------------------------------------------------------------------- options
@@ -441,6 +569,7 @@ def fc2conv(*args: object) -> list[str]:
     return [sys.executable, "-m", "fc2conv_cli", *map(str, args)]
 
 
+@pytest.mark.slow
 def test_subprocess_batch_exit_code_and_outputs(zoo):
     done = subprocess.run(
         fc2conv("batch", zoo.manifest, "--jobs", 2),
@@ -460,6 +589,51 @@ def test_subprocess_batch_exit_code_and_outputs(zoo):
     )
     assert done.returncode == 0, done.stderr
     assert "3 files: 3 up to date" in done.stdout
+
+
+@pytest.mark.slow
+def test_workers_never_import_code_from_the_current_folder(zoo, tmp_path):
+    # The user runs the installed `fc2conv` in a folder that holds packages named like
+    # fc2conv's and its dependencies'. A worker that imported any of them would leave a mark.
+    here = tmp_path / "here"
+    marks = tmp_path / "marks.txt"
+    for name in ("fc2conv_cli", "numpy", "yaml", "safetensors"):
+        (here / name).mkdir(parents=True)
+        (here / name / "__init__.py").write_text(
+            f"open({str(marks)!r}, 'a').write({name!r} + '\\n')\nraise SystemExit(99)\n"
+        )
+    # A copy of the package under test, in a folder of its own: the workers must import
+    # this very copy, as the parent does (not, say, another fc2conv_cli installed).
+    copy = tmp_path / "copy"
+    shutil.copytree(
+        ROOT / "fc2conv_cli", copy / "fc2conv_cli", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    with open(copy / "fc2conv_cli" / "__init__.py", "a") as init:
+        init.write(
+            "\nimport os as _os, sys as _sys\n"
+            f"with open({str(tmp_path / 'copies.txt')!r}, 'a') as _f:\n"
+            "    _f.write(f'{_os.getpid()} {_sys.flags.isolated}\\n')\n"
+        )
+    # What pip's console script runs: its own folder first on sys.path, not the current one.
+    script = tmp_path / "bin" / "fc2conv"
+    script.parent.mkdir()
+    script.write_text("import sys\nfrom fc2conv_cli.cli import main\nsys.exit(main())\n")
+    zoo.write_manifest(bad=False)
+    done = subprocess.run(
+        [sys.executable, str(script), "batch", str(zoo.manifest), "--jobs", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=here,
+        env={**os.environ, "PYTHONPATH": str(copy)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "3 files: 3 converted" in done.stdout
+    assert not marks.exists(), marks.read_text()
+    imports = [line.split() for line in (tmp_path / "copies.txt").read_text().splitlines()]
+    assert [isolated for _, isolated in imports].count("0") == 1  # the parent
+    assert [isolated for _, isolated in imports].count("1") == 2  # both workers, isolated
+    assert len({pid for pid, _ in imports}) == 3
 
 
 BIG_FILES = 8
@@ -575,6 +749,7 @@ def assert_valid_output(path: Path) -> None:
     assert loaded["fc.bias"][0] == index and loaded["fc.weight"][0, 0, 0, 0] == index
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize(
     ("signum", "group"),
@@ -624,6 +799,7 @@ def test_an_interrupted_batch_leaves_no_temp_file_and_a_rerun_finishes(
     assert temp_files(out) == []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_crashed_worker_fails_its_file_not_the_batch(run_cli, big_zoo, tmp_path):
     out = tmp_path / "out"
@@ -645,7 +821,7 @@ def test_a_crashed_worker_fails_its_file_not_the_batch(run_cli, big_zoo, tmp_pat
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"multiprocessing" not in cmdline and b"forkserver" not in cmdline:
+            if b"fc2conv_cli.batch import worker_main" not in cmdline:
                 continue
             if staging(pid) is None:
                 continue
@@ -690,3 +866,345 @@ def test_a_crashed_worker_fails_its_file_not_the_batch(run_cli, big_zoo, tmp_pat
     found = {Path(k).stem: v for k, v in statuses(report).items()}
     assert found == {**dict.fromkeys(files, "up to date"), victim: "converted"}
     assert_valid_output(crashed_output)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_end_when_the_batch_is_killed(big_zoo, tmp_path):
+    # SIGKILL leaves the parent no time to stop anyone: each worker ends by itself once
+    # its pipe to the parent is gone, finishing (or failing) at most its current file.
+    out = tmp_path / "out"
+    process = start_big_batch(big_zoo, out, tmp_path / "report.json")
+    try:
+        wait_for(lambda: temp_files(out) or big_outputs(out), 60, "a conversion in flight")
+        workers = descendants(process.pid)
+        assert workers, "no worker to watch"
+        process.kill()
+        process.wait(timeout=10)
+        wait_for(lambda: not any(alive(pid) for pid in workers), 60, "the workers to exit")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert temp_files(out) == []  # each finished its file: published whole, or nothing
+    for path in big_outputs(out):
+        assert_valid_output(path)
+
+
+def test_the_workers_import_path_starts_with_this_package(monkeypatch):
+    import fc2conv_cli
+    from fc2conv_cli.batch import _import_path
+
+    monkeypatch.setattr(sys, "path", ["", "/elsewhere", *sys.path])
+    path = _import_path()
+    assert path[0] == str(Path(fc2conv_cli.__file__).parent.parent)
+    assert (Path(path[0]) / "fc2conv_cli" / "batch.py").is_file()
+    assert "" not in path and "/elsewhere" in path
+    assert path.count(path[0]) == 1
+
+
+# ---------------------------------------------------------------- --format (issue 10)
+
+
+@pytest.fixture
+def renamed(tmp_path: Path) -> tuple[Path, Path]:
+    """A safetensors checkpoint under a name whose suffix says torch, and its map."""
+    source = save(tmp_path / "in" / "weights.safetensors", tensors(3))
+    source = source.rename(source.with_suffix(".bin"))
+    map_path = tmp_path / "map.yaml"
+    map_path.write_text(MAP)
+    return source, map_path
+
+
+def test_format_reads_input_files_as_convert_format_does(run_cli, renamed, tmp_path):
+    source, map_path = renamed
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    base = ("batch", "--map", map_path, "-o", out, "--jobs", 1, "--json", report, source)
+
+    # Without --format, the suffix and the content disagree: the file fails, in one line.
+    outcome = run_cli(*base)
+    assert outcome.code == 1, outcome.stderr
+    [entry] = json.loads(report.read_text())["files"]
+    assert entry["status"] == "error" and "pass --format safetensors" in entry["error"]
+
+    # --format reaches the dry run's plan and the conversion.
+    outcome = run_cli(*base, "--dry-run", "--format", "safetensors")
+    assert outcome.code == 0, outcome.stderr
+    assert statuses(report) == {str(source): "would convert"}
+    outcome = run_cli(*base, "--format", "safetensors")
+    assert outcome.code == 0, outcome.stderr
+    assert statuses(report) == {str(source): "converted"}
+    expected = tmp_path / "expected.safetensors"
+    convert = ("convert", source, "--map", map_path, "-o", expected, "--format", "safetensors")
+    assert run_cli(*convert).code == 0
+    assert (out / "weights.safetensors").read_bytes() == expected.read_bytes()
+    outcome = run_cli(*base, "--format", "safetensors")
+    assert outcome.code == 0 and statuses(report) == {str(source): "up to date"}
+
+    # A format the content contradicts fails the file, naming both.
+    outcome = run_cli(*base, "--format", "torch", "--force")
+    assert outcome.code == 1
+    [entry] = json.loads(report.read_text())["files"]
+    assert entry["status"] == "error"
+    assert "--format torch, but the content is a safetensors file" in entry["error"]
+
+
+def test_a_manifest_group_format_is_used_for_its_files(run_cli, renamed, tmp_path):
+    source, _ = renamed
+    manifest = tmp_path / "manifest.yaml"
+    report = tmp_path / "report.json"
+    for fmt, status in (("torch", "error"), ("safetensors", "converted")):
+        manifest.write_text(
+            "version: 1\noutput_dir: out\njobs:\n"
+            f"  - {{inputs: 'in/*.bin', map: map.yaml, format: {fmt}}}\n"
+        )
+        outcome = run_cli("batch", manifest, "--jobs", 1, "--json", report)
+        assert statuses(report) == {str(source): status}, outcome.stderr
+    assert (tmp_path / "out/in/weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "manifest_text", "needle"),
+    [
+        (("--format", "pickle"), None, "Invalid value for '--format': 'pickle' is not one of"),
+        (("--format", "torch"), "", "--format applies to INPUT files with --map"),
+        ((), "format: pickle", "jobs[0]: format: unknown format 'pickle'; expected one of"),
+        ((), "format: [torch]", "jobs[0]: format: unknown format ['torch']"),
+    ],
+)
+def test_an_unknown_format_exits_2_in_one_line(run_cli, zoo, args, manifest_text, needle):
+    if manifest_text is None:
+        args = ("--map", zoo.map, "-o", zoo.out, zoo.input(GOOD[0]), *args)
+    else:
+        if manifest_text:
+            job = GOOD_JOB.replace("map: maps/map.yaml}", f"map: maps/map.yaml, {manifest_text}}}")
+            zoo.manifest.write_text(f"version: 1\noutput_dir: converted/\njobs:\n{job}")
+        args = (zoo.manifest, *args)
+    outcome = run_cli("batch", *args)
+    assert outcome.code == 2, outcome.stderr
+    assert outcome.stdout == ""
+    [line] = outcome.stderr.splitlines()
+    assert needle in line, line
+    if manifest_text:
+        assert line.startswith(f"error: {zoo.manifest}: jobs[0]: format: ")
+    assert not zoo.out.exists()
+
+
+# ------------------------------------------------------------------ --jobs (issue 13)
+
+
+def cgroup_tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("files", "self_cgroup", "quota"),
+    [
+        ({"cpu.max": "max 100000\n"}, "0::/\n", None),  # a container without a limit
+        ({"cpu.max": "200000 100000\n"}, "0::/\n", 2.0),
+        ({"cpu.max": "150000 100000\n"}, "0::/\n", 1.5),
+        ({"cpu.max": "50000 100000\n"}, "0::/\n", 0.5),
+        ({"cpu.max": "max\n"}, "0::/\n", None),
+        ({"cpu.max": "lots\n"}, "0::/\n", None),
+        ({"cpu.max": "0 100000\n"}, "0::/\n", None),
+        ({}, "0::/\n", None),  # no cgroup files at all
+        # Off a cgroup namespace: this process's cgroup, and those above it (the least).
+        (
+            {"a.slice/cpu.max": "300000 100000\n", "a.slice/job.scope/cpu.max": "max 100000\n"},
+            "0::/a.slice/job.scope\n",
+            3.0,
+        ),
+        (
+            {"a.slice/cpu.max": "800000 100000\n", "a.slice/b/cpu.max": "250000 100000\n"},
+            "12:cpu:/x\n0::/a.slice/b\n",
+            2.5,
+        ),
+        ({"cpu.max": "400000 100000\n"}, "0::/../outside\n", 4.0),  # outside: the root's
+        # cgroup v1: quota over period, -1 for none.
+        ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+         "", None),
+        ({"cpu/cpu.cfs_quota_us": "350000\n", "cpu/cpu.cfs_period_us": "100000\n"}, "", 3.5),
+        ({"cpu/cpu.cfs_quota_us": "350000\n"}, "", None),  # no period: unknown
+    ],
+)  # fmt: skip
+def test_the_cgroup_cpu_quota_parser(tmp_path, files, self_cgroup, quota):
+    from fc2conv_cli.batch import cgroup_cpu_quota
+
+    root = cgroup_tree(tmp_path / "cgroup", files)
+    (tmp_path / "self").write_text(self_cgroup)
+    assert cgroup_cpu_quota(root, tmp_path / "self") == quota
+
+
+@pytest.mark.parametrize(
+    ("affinity", "cpu_max", "expected"),
+    [
+        (8, "max 100000", 8),
+        (8, "150000 100000", 2),  # 1.5 CPUs: rounded up
+        (8, "20000 100000", 1),  # a fifth of a CPU: at least one worker
+        (2, "400000 100000", 2),  # the affinity mask is the smaller
+        (3, None, 3),
+    ],
+)
+def test_available_cpus_is_the_affinity_capped_by_the_quota(
+    tmp_path, monkeypatch, affinity, cpu_max, expected
+):
+    from fc2conv_cli import batch as batch_module
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's count plays no part
+    root = cgroup_tree(tmp_path / "cgroup", {"cpu.max": cpu_max} if cpu_max else {})
+    (tmp_path / "self").write_text("0::/\n")
+    assert batch_module.available_cpus(root, tmp_path / "self") == expected
+
+
+def test_available_cpus_without_sched_getaffinity_falls_back_to_the_cpu_count(
+    tmp_path, monkeypatch
+):
+    from fc2conv_cli.batch import available_cpus
+
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    root = cgroup_tree(tmp_path / "cgroup", {"cpu.max": "300000 100000"})
+    assert available_cpus(root, tmp_path / "none") == 3
+    assert available_cpus(tmp_path / "nothing", tmp_path / "none") == 6
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert available_cpus(tmp_path / "nothing", tmp_path / "none") == 1
+
+
+def test_jobs_defaults_to_available_cpus(run_cli, zoo, monkeypatch):
+    from fc2conv_cli import batch as batch_module
+
+    seen = []
+    real_run_batch = batch_module.run_batch
+
+    def run_batch(items, options, on_outcome):
+        seen.append(options.jobs)
+        return real_run_batch(items, options, on_outcome)
+
+    monkeypatch.setattr(batch_module, "available_cpus", lambda: 1)
+    monkeypatch.setattr(batch_module, "run_batch", run_batch)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    zoo.write_manifest(bad=False)
+    assert run_cli("batch", zoo.manifest).code == 0
+    assert run_cli("batch", zoo.manifest, "--jobs", 2).code == 0
+    assert seen == [1, 2]
+    help_text = " ".join(run_cli("batch", "--help").stdout.split())
+    assert "Default: the CPUs this process may use" in help_text
+    assert "cgroup CPU quota" in help_text and "not the machine's core count" in help_text
+
+
+def test_available_cpus_here():
+    from fc2conv_cli.batch import available_cpus
+
+    count = available_cpus()
+    assert 1 <= count <= len(os.sched_getaffinity(0))
+
+
+# ----------------------------------------------------------------- shards (issue 13)
+
+
+def test_an_empty_shard_says_so_in_one_line_and_exits_0(run_cli, tmp_path):
+    root = tmp_path / "zoo"
+    for name in ("a", "b"):
+        save(root / f"{name}.safetensors", tensors(len(name)))
+    (root / "map.yaml").write_text(MAP)
+    manifest = root / "manifest.yaml"
+    manifest.write_text("version: 1\noutput_dir: out\njobs:\n  - {inputs: '*', map: map.yaml}\n")
+    outcome = run_cli("batch", manifest, "--shard", "3/4")
+    assert outcome.code == 0, outcome.stderr
+    assert outcome.stdout == "shard 3/4 is empty (2 files in all); nothing to do\n"
+    assert outcome.stderr == ""
+    outcome = run_cli("batch", manifest, "--shard", "3/4", "--json", "-")
+    assert outcome.code == 0, outcome.stderr
+    assert outcome.stderr == "shard 3/4 is empty (2 files in all); nothing to do\n"
+    report = json.loads(outcome.stdout)
+    assert report["ok"] is True and report["files"] == [] and report["counts"] == {}
+    assert not (root / "out").exists()
+    assert run_cli("batch", manifest, "--shard", "2/4").code == 0  # b: not empty
+    assert [p.name for p in (root / "out").iterdir()] == ["b.safetensors"]
+
+
+# ---------------------------------------------------------------- --timeout (issue 13)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_bad_timeout_exits_2(run_cli, zoo, value):
+    outcome = run_cli("batch", zoo.manifest, "--timeout", value)
+    assert outcome.code == 2
+    [line] = outcome.stderr.splitlines()
+    assert "--timeout" in line
+    assert not zoo.out.exists()
+
+
+# What a conversion that hangs does in the copy of the package below: once its temp file is
+# written, it says where that file is, then sleeps (far past the timeout).
+SLOW_PATCH = """
+
+_original_write_safetensors = write_safetensors
+
+
+def write_safetensors(plan, source, output, metadata):  # noqa: F811 - the test's slow writer
+    import os as _os
+    import time as _time
+    from pathlib import Path as _Path
+
+    staged = _original_write_safetensors(plan, source, output, metadata)
+    if source.path.name.startswith("slow"):
+        _Path(_os.environ["FC2CONV_TEST_STAGED"]).write_text(f"{_os.getpid()} {staged.temp}")
+        _time.sleep(600)
+    return staged
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_file_past_the_timeout_is_stopped_and_the_next_runs_on_a_new_worker(tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(
+        ROOT / "fc2conv_cli", copy / "fc2conv_cli", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    with open(copy / "fc2conv_cli" / "pipeline.py", "a") as pipeline:
+        pipeline.write(SLOW_PATCH)
+    root = tmp_path / "zoo"
+    for index, name in enumerate(("a.safetensors", "slow.safetensors", "z.safetensors")):
+        save(root / name, tensors(index))
+    (root / "map.yaml").write_text(MAP)
+    staged, report, out = tmp_path / "staged.txt", tmp_path / "report.json", tmp_path / "out"
+    started = time.monotonic()
+    done = subprocess.run(
+        fc2conv("batch", "--map", root / "map.yaml", "-o", out, "--jobs", 1, "--timeout", 3,
+                "--json", report, *sorted(root.glob("*.safetensors"))),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(copy), "FC2CONV_TEST_STAGED": str(staged)},
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert elapsed < 60  # not the 600 s the conversion would have slept
+    files = {Path(f["input"]).name: f for f in json.loads(report.read_text())["files"]}
+    assert {n: f["status"] for n, f in files.items()} == {
+        "a.safetensors": "converted",
+        "slow.safetensors": "timed out",
+        "z.safetensors": "converted",  # by a fresh worker: the one that timed out was killed
+    }
+    slow = files["slow.safetensors"]
+    assert slow["error"] == "ran past --timeout 3 s and was stopped"
+    assert 3 <= slow["seconds"] < 30
+    # It was stopped with its temp file in place; the file is gone, and so is the worker.
+    pid, temp = staged.read_text().split(" ", 1)
+    assert Path(temp).parent == out and Path(temp).name.startswith(".slow.safetensors.")
+    assert not Path(temp).exists() and temp_files(out) == []
+    assert not alive(int(pid))
+    assert not (out / "slow.safetensors").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["a.safetensors", "z.safetensors"]
+    # The table, the progress line and the footer say so.
+    assert "timed out" in done.stdout and "1 timed out" in done.stdout.splitlines()[-1]
+    [line] = [line for line in done.stderr.splitlines() if "slow.safetensors" in line]
+    assert line.endswith("] timed out: " + str(root / "slow.safetensors") + ": ran past "
+                         "--timeout 3 s and was stopped")  # fmt: skip

@@ -122,6 +122,65 @@ def test_output_option_stands_in_for_a_missing_output_dir(zoo, tmp_path):
     assert item.output == tmp_path / "out" / "vgg" / "a.safetensors"
 
 
+@pytest.mark.parametrize("override", [False, True], ids=["output_dir", "-o"])
+def test_a_glob_never_matches_the_output_folder_nor_temp_files(zoo, override):
+    # A previous run's outputs (and a killed writer's temp file) inside the input tree.
+    touch(
+        zoo,
+        "converted/alex/x.safetensors",
+        "converted/vgg/deep/c.safetensors",
+        "converted/vgg/.a.safetensors.0123abcd.tmp",
+        "alex/.x.safetensors.89abcdef.tmp",
+    )
+    text = "version: 1\noutput_dir: converted\njobs:\n  - {inputs: '**/*', map: ../maps/vgg.yaml}\n"
+    path = manifest(zoo, text)
+    items = read_manifest(path, zoo / "converted" if override else None)
+    assert [item.relative for item in items] == [
+        "alex/sub/y.safetensors",
+        "alex/x.safetensors",
+        "vgg/a.safetensors",
+        "vgg/deep/c.safetensors",
+        "vgg/deep/er/b.safetensors",
+    ]
+    assert all("converted" not in item.input.parts for item in items)
+
+
+def test_the_manifest_knows_the_writers_temp_names(tmp_path):
+    from fc2conv_cli.manifest import TEMP_NAME
+    from fc2conv_cli.write import _temp_path, is_temp_file
+
+    for name in ("model.safetensors", "a.b.pth", ".hidden.safetensors", "x"):
+        temp = _temp_path(tmp_path / name)
+        assert TEMP_NAME.fullmatch(temp.name) and is_temp_file(temp)
+    for name in ("model.safetensors", ".model.safetensors", "model.0123abcd.tmp"):
+        assert not TEMP_NAME.fullmatch(name) and not is_temp_file(tmp_path / name)
+
+
+def test_the_output_folder_is_skipped_by_any_spelling(zoo, monkeypatch):
+    touch(zoo, "out/vgg/a.safetensors")
+    monkeypatch.chdir(zoo / "vgg")
+    text = (
+        "version: 1\noutput_dir: ./vgg/../out/\n"
+        "jobs:\n  - {inputs: '**/*.safetensors', map: ../maps/vgg.yaml}\n"
+    )
+    items = read_manifest(manifest(zoo, text))
+    assert [item.relative for item in items] == ["alex/sub/y.safetensors", "alex/x.safetensors"]
+    # -o relative to the working folder, the same folder.
+    items = read_manifest(manifest(zoo, text), Path("../out"))
+    assert [item.relative for item in items] == ["alex/sub/y.safetensors", "alex/x.safetensors"]
+
+
+def test_an_output_folder_that_holds_the_inputs_skips_nothing(zoo):
+    # output_dir "." writes each .safetensors beside its .pth: the inputs are not skipped.
+    text = "version: 1\noutput_dir: .\njobs:\n  - {inputs: 'vgg/**/*.pth', map: ../maps/vgg.yaml}\n"
+    items = read_manifest(manifest(zoo, text))
+    assert [item.output for item in items] == [
+        zoo / "vgg/a.safetensors",
+        zoo / "vgg/deep/c.safetensors",
+        zoo / "vgg/deep/er/b.safetensors",
+    ]
+
+
 # --------------------------------------------------------------------------- bad manifests
 
 
@@ -311,3 +370,97 @@ def test_shards_do_not_depend_on_the_input_order():
         random.Random(seed).shuffle(shuffled)
         assert [select_shard(shuffled, i, 3) for i in (1, 2, 3)] == reference
     assert reference[0][:2] == (items[0], items[3])
+
+
+# ------------------------------------------------------------------ formats (issue 10)
+
+
+def test_a_glob_takes_every_readers_suffix_and_of_json_files_only_model_json(tmp_path):
+    names = (
+        "a.safetensors", "b.pt", "c.pth", "d.bin", "e.ckpt", "f.pth.tar", "g.tar",
+        "h.keras", "i.weights.h5", "j.hdf5", "k.onnx", "l.caffemodel", "m.npz", "n.npy",
+        "web/model.json", "web/MODEL.JSON",
+    )  # fmt: skip
+    ignored = ("config.json", "web/weights_manifest.json", "notes.txt", "map.yaml", "x.pb")
+    touch(tmp_path, *names, *ignored)
+    (tmp_path / "maps").mkdir()
+    (tmp_path / "maps" / "m.yaml").write_text(MAP)
+    path = manifest(
+        tmp_path, "version: 1\noutput_dir: out\njobs: [{inputs: '**/*', map: maps/m.yaml}]\n"
+    )
+    items = read_manifest(path)
+    assert sorted(str(i.input.relative_to(tmp_path)) for i in items) == sorted(names)
+    assert {i.format for i in items} == {None}
+
+
+def test_a_group_format_takes_every_file_its_glob_matches(tmp_path):
+    # format: says what the files are: their suffixes play no part (a caffemodel named .bin,
+    # weights.data), and every match is read as that format, the manifest itself excepted.
+    touch(tmp_path, "caffe/net.bin", "caffe/weights.data", "caffe/.net.bin.0123abcd.tmp")
+    (tmp_path / "m.yaml").write_text(MAP)
+    path = manifest(
+        tmp_path,
+        "version: 1\noutput_dir: out\njobs:\n"
+        "  - {inputs: 'caffe/*', map: m.yaml, format: caffe}\n"
+        "  - {inputs: '*.yaml', map: m.yaml, format: numpy}\n",
+    )
+    items = read_manifest(path)
+    assert [(i.input.relative_to(tmp_path).as_posix(), i.format) for i in items] == [
+        ("caffe/net.bin", "caffe"),
+        ("caffe/weights.data", "caffe"),
+        ("m.yaml", "numpy"),  # matched and asked for; not the manifest.yaml itself
+    ]
+
+
+def test_formats_are_per_group(zoo):
+    path = manifest(
+        zoo,
+        "version: 1\noutput_dir: out\njobs:\n"
+        "  - {inputs: 'vgg/*.pth', map: ../maps/vgg.yaml, format: torch}\n"
+        "  - {inputs: 'alex/*.safetensors', map: ../maps/alex.yaml}\n"
+        "  - {inputs: 'vgg/deep/*.pth', map: ../maps/vgg.yaml, format: null}\n",
+    )
+    assert {i.relative: i.format for i in read_manifest(path)} == {
+        "alex/x.safetensors": None,
+        "vgg/a.safetensors": "torch",
+        "vgg/deep/c.safetensors": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("pickle", "'pickle'"), ("Torch", "'Torch'"), ("3", "3"), ("[onnx]", "['onnx']")],
+)
+def test_an_unknown_format_names_the_file_group_and_key(zoo, value, shown):
+    path = manifest(
+        zoo,
+        "version: 1\noutput_dir: out\njobs:\n"
+        "  - {inputs: 'alex/*.safetensors', map: ../maps/alex.yaml}\n"
+        f"  - {{inputs: 'vgg/*.pth', map: ../maps/vgg.yaml, format: {value}}}\n",
+    )
+    assert problems_of(path) == [
+        f"{path}: jobs[1]: format: unknown format {shown}; expected one of "
+        "safetensors, torch, keras, onnx, caffe, tfjs, numpy"
+    ]
+
+
+def test_inputs_on_the_command_line_carry_the_format(tmp_path):
+    touch(tmp_path, "a.bin", "b.weights")
+    items = items_from_inputs(
+        [tmp_path / "b.weights", tmp_path / "a.bin"], tmp_path / "m.yaml", tmp_path / "o", "caffe"
+    )
+    assert [(i.relative, i.format) for i in items] == [
+        ("a.safetensors", "caffe"),
+        ("b.safetensors", "caffe"),
+    ]
+    (item,) = items_from_inputs([tmp_path / "a.bin"], tmp_path / "m.yaml", tmp_path / "o")
+    assert item.format is None
+
+
+def test_the_manifest_knows_the_readers_formats_and_suffixes():
+    from fc2conv_cli.manifest import CHECKPOINT_SUFFIXES, FORMATS
+    from fc2conv_cli.readers.detect import FORMATS as READERS_FORMATS
+    from fc2conv_cli.readers.detect import SUFFIXES
+
+    assert FORMATS == READERS_FORMATS
+    assert sorted(CHECKPOINT_SUFFIXES) == sorted(suffix for suffix, _ in SUFFIXES)

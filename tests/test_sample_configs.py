@@ -1,4 +1,4 @@
-"""Every map in ``sample_configs/`` converts a checkpoint of its architecture as documented.
+"""Every shipped map (``fc2conv_cli/sample_configs``) converts its architecture as documented.
 
 Each checkpoint has exactly the tensor names and shapes of the real network
 (``bench/zoo.py``), with small random float16 weights: the files are real-sized (120 to
@@ -153,7 +153,7 @@ def converted(request, tmp_path_factory) -> Iterator[Converted]:
     source = zoo.save_checkpoint(
         zoo.state_dict_shapes(arch), folder / f"{arch}{spec.suffix}", seed=5, dtype=DTYPE
     )
-    map_path = ROOT / "sample_configs" / f"{arch}.yaml"
+    map_path = ROOT / "fc2conv_cli" / "sample_configs" / f"{arch}.yaml"
     output = folder / f"{arch}_fcn.safetensors"
     report = folder / "report.json"
     argv = ["convert", source, "--map", map_path, "-o", output, "--json", report]

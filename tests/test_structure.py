@@ -21,6 +21,7 @@ ORDER = [
     "guess",
     "layer_map",
     "manifest",
+    "schema",
     "readers",
     "plan",
     "evidence",
@@ -121,6 +122,8 @@ def test_help_imports_neither_torch_nor_numpy_and_errors_not_torch():
 
 
 def test_a_plain_copy_without_checks_never_imports_numpy(tmp_path):
+    # Only the safetensors library's own reading of the staged file (issue 9: every
+    # published file opens in safetensors) imports numpy: its safe_open always does.
     save_file({"fc.weight": np.ones((4, 12), np.float32)}, str(tmp_path / "in.safetensors"))
     (tmp_path / "map.yaml").write_text("version: 1\nlayout: chw\nlayers: [{name: fc}]\n")
     args = [
@@ -133,11 +136,18 @@ def test_a_plain_copy_without_checks_never_imports_numpy(tmp_path):
         "--no-check",
     ]
     result = run_python(
-        "import sys\nfrom fc2conv_cli.cli import run\n"
+        "import sys\nfrom fc2conv_cli import write\nfrom fc2conv_cli.cli import run\n"
+        "check, seen = write._check_with_safetensors, []\n"
+        "def spy(*args):\n"
+        "    seen.append('numpy' in sys.modules)\n"
+        "    check(*args)\n"
+        "write._check_with_safetensors = spy\n"
         f"code = run({args!r})\n"
-        "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules), code)\n"
+        "print(seen, 'torch' in sys.modules, code)\n"
     )
-    assert result.stdout.strip().splitlines()[-1] == "[] 0", result.stdout + result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[False] False 0", (
+        result.stdout + result.stderr
+    )
     assert (tmp_path / "out.safetensors").stat().st_size > 4 * 48
 
 
@@ -145,3 +155,16 @@ def test_the_cli_lists_every_reader_format():
     from fc2conv_cli.readers import FORMATS
 
     assert cli._FORMATS == FORMATS  # the CLI keeps its own copy so --help imports no reader
+
+
+def test_importing_every_reader_imports_no_format_library():
+    from fc2conv_cli.readers import FORMATS
+
+    libraries = ("torch", "h5py", "onnx", "google.protobuf", "keras", "cv2", "onnxruntime")
+    result = run_python(
+        "import importlib, sys\n"
+        f"for name in {FORMATS!r}:\n"
+        "    importlib.import_module('fc2conv_cli.readers.' + name)\n"
+        f"print(sorted(m for m in {libraries!r} if m in sys.modules))\n"
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr

@@ -14,6 +14,7 @@ import safetensors
 from safetensors.numpy import load_file, save_file
 
 from fc2conv_cli import __version__
+from fc2conv_cli.write import CONVERSION_VERSION
 
 ITEM_SIZES = {"I64": 8, "F64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1}
 
@@ -135,7 +136,12 @@ def test_golden_bytes_of_a_tiny_conversion(tmp_path, run_cli):
             for w in range(2):
                 conv[o, c, 0, w] = weight[o, w * 2 + c]
     assert conv[0].ravel().tolist() == [0.0, 0.5, 0.25, 0.75]  # the bytes really moved
+    # These bytes are conversion version 1. If this test fails because fc2conv now writes
+    # other bytes, bump write.CONVERSION_VERSION (batch then converts old outputs again)
+    # and the version here.
+    assert CONVERSION_VERSION == 1
     metadata = {
+        "conversion_version": "1",
         "format": "pt",
         "fc2conv_version": __version__,
         "source_file": "tiny.safetensors",
@@ -353,3 +359,402 @@ def test_tied_and_strided_torch_tensors_are_written_in_full(tmp_path, run_cli):
     spans = [e["data_offsets"] for name, e in header.items() if name != "__metadata__"]
     assert sum(end - start for start, end in spans) == len(data) == (120 * 3 + 5 + 48) * 4
     assert len({start for start, _ in spans}) == len(spans)  # no two names share bytes
+
+
+# ------------------------------------------------- the safetensors library checks the file
+
+
+def _with_header_edit(monkeypatch, edit) -> None:
+    """Every header the writer makes goes through ``edit(entries)`` first (a writer bug)."""
+    from fc2conv_cli import write
+
+    original = write._header
+
+    def edited(plan, metadata):
+        length_and_text = original(plan, metadata)
+        entries = json.loads(length_and_text[8:])
+        edit(entries)
+        text = json.dumps(entries, separators=(",", ":"), sort_keys=True).encode()
+        text += b" " * (-len(text) % 8)
+        return len(text).to_bytes(8, "little") + text
+
+    monkeypatch.setattr(write, "_header", edited)
+
+
+def _overlap(entries: dict) -> None:
+    entries["fc.bias"]["data_offsets"][0] -= 4  # overlaps its neighbour: not a valid file
+
+
+def _reshape(entries: dict) -> None:
+    entries["fc.weight"]["shape"] = [5, 24]  # the same bytes, but not the planned shape
+
+
+def _previous_output(run_cli, source: Path, layer_map: Path, output: Path, force: bool):
+    """With --force, a good earlier output is there to be replaced; returns its bytes."""
+    if not force:
+        return None
+    _convert(run_cli, source, layer_map, output)
+    return output.read_bytes()
+
+
+def _assert_not_published(output: Path, before: bytes | None) -> None:
+    if before is None:
+        assert not output.exists()
+    else:
+        assert output.read_bytes() == before  # the earlier output is untouched
+    assert _temp_files(output.parent) == []
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["new", "--force"])
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (_overlap, "the safetensors library refuses the file fc2conv wrote"),
+        (_reshape, "fc.weight: F32 [5, 24], planned F32 [5, 4, 2, 3]"),
+    ],
+    ids=["refused", "index differs"],
+)
+def test_a_file_safetensors_refuses_or_reads_differently_is_never_published(
+    tmp_path, run_cli, monkeypatch, force, edit, needle
+):
+    source, layer_map = _case(tmp_path)
+    output = tmp_path / "out.safetensors"
+    before = _previous_output(run_cli, source, layer_map, output, force)
+    _with_header_edit(monkeypatch, edit)
+    # --no-check: nothing of fc2conv's own reads the file back; safetensors alone stands guard.
+    extra = ["--no-check"] + (["--force"] if force else [])
+    outcome = run_cli("convert", source, "--map", layer_map, "-o", output, *extra)
+    assert outcome.code == 3, outcome.stderr
+    lines = outcome.stderr.strip().splitlines()
+    assert len(lines) == 1, outcome.stderr
+    assert needle in lines[0] and "nothing was published" in lines[0]
+    assert "bug" in lines[0] and str(output) in lines[0]
+    _assert_not_published(output, before)
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["new", "--force"])
+def test_checks_pass_but_safetensors_refuses_exit_3(tmp_path, run_cli, monkeypatch, force):
+    source, layer_map = _case(tmp_path)
+    output = tmp_path / "out.safetensors"
+    before = _previous_output(run_cli, source, layer_map, output, force)
+    opened: list[str] = []
+
+    def refusing(path, framework, **kwargs):
+        opened.append(path)
+        raise safetensors.SafetensorError("Error while deserializing header: simulated refusal")
+
+    monkeypatch.setattr(safetensors, "safe_open", refusing)
+    report = tmp_path / "report.json"
+    extra = ["--force"] if force else []
+    outcome = run_cli("convert", source, "--map", layer_map, "-o", output, "--json", report, *extra)
+    assert outcome.code == 3, outcome.stderr
+    assert "simulated refusal" in outcome.stderr and "Traceback" not in outcome.stderr
+    error = json.loads(report.read_text())["error"]
+    assert error["code"] == "internal_error" and error["exit_code"] == 3
+    assert len(opened) == 1 and Path(opened[0]).name.endswith(".tmp")  # the staged file
+    _assert_not_published(output, before)
+
+
+def test_an_old_safetensors_that_lacks_a_dtype_exits_2_and_says_upgrade(
+    tmp_path, run_cli, monkeypatch
+):
+    # What safetensors < 0.6 says of F8_E8M0; simulated here with a dtype the file holds.
+    source, layer_map = _case(tmp_path)
+    output = tmp_path / "out.safetensors"
+
+    def old(path, framework, **kwargs):
+        raise safetensors.SafetensorError(
+            "Error while deserializing header: invalid JSON in header: unknown variant `F16`, "
+            "expected one of `BOOL`, `U8`, `I8`, `F32` at line 1 column 91"
+        )
+
+    monkeypatch.setattr(safetensors, "safe_open", old)
+    outcome = run_cli("convert", source, "--map", layer_map, "-o", output)
+    assert outcome.code == 2, outcome.stderr
+    assert "cannot read dtype F16" in outcome.stderr and "upgrade" in outcome.stderr
+    _assert_not_published(output, None)
+
+
+def test_the_check_reads_every_dtype_of_the_index(tmp_path, run_cli, monkeypatch):
+    # The real library, the real file: names, dtypes, shapes and metadata all compared.
+    from fc2conv_cli import write
+
+    seen = []
+    original = write._check_with_safetensors
+
+    def spy(temp, target, index, metadata):
+        seen.append((dict(index), dict(metadata)))
+        original(temp, target, index, metadata)
+
+    monkeypatch.setattr(write, "_check_with_safetensors", spy)
+    source, layer_map = _case(tmp_path)
+    output = tmp_path / "out.safetensors"
+    _convert(run_cli, source, layer_map, output)
+    [(index, metadata)] = seen
+    with safetensors.safe_open(str(output), framework="numpy") as file:
+        assert metadata == file.metadata()
+        assert index == {
+            name: (file.get_slice(name).get_dtype(), tuple(file.get_slice(name).get_shape()))
+            for name in file.keys()  # noqa: SIM118
+        }
+    assert {dtype for dtype, _ in index.values()} == {"F32", "I64", "F16", "U8"}
+    assert metadata["conversion_version"] == str(CONVERSION_VERSION)
+
+
+# -------------------------------------------------------------------------- portability
+
+
+def _no_hard_links(monkeypatch, code: int, calls: list | None = None) -> None:
+    def link(src, dst, *args, **kwargs):
+        if calls is not None:
+            calls.append(dst)
+        raise OSError(code, os.strerror(code), str(src), None, str(dst))
+
+    monkeypatch.setattr(os, "link", link)
+
+
+# ENOTSUP and EOPNOTSUPP are one value on Linux, two on macOS.
+NO_LINK_ERRNOS = sorted({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EACCES})
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["new", "--force"])
+def test_without_fdatasync_fsync_is_used(tmp_path, run_cli, monkeypatch, force):
+    source, layer_map = _case(tmp_path)
+    output = tmp_path / "out.safetensors"
+    before = _previous_output(run_cli, source, layer_map, output, force)
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.delattr(os, "fdatasync")  # macOS
+    monkeypatch.setattr(os, "fsync", fsync)
+    extra = ["--force"] if force else []
+    outcome = run_cli("convert", source, "--map", layer_map, "-o", output, *extra)
+    assert outcome.code == 0, outcome.stderr
+    assert len(synced) >= 3  # the data in the background, the sealed file, the folder
+    assert load_file(str(output))["fc.weight"].shape == (5, 4, 2, 3)
+    if before is not None:
+        assert output.read_bytes() == before  # the same conversion, published anew
+    assert _temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("code", NO_LINK_ERRNOS, ids=[errno.errorcode[c] for c in NO_LINK_ERRNOS])
+def test_without_hard_links_a_new_output_is_published(tmp_path, run_cli, monkeypatch, code):
+    source, layer_map = _case(tmp_path)
+    reference = tmp_path / "reference.safetensors"
+    _convert(run_cli, source, layer_map, reference)
+    output = tmp_path / "out.safetensors"
+    calls: list = []
+    _no_hard_links(monkeypatch, code, calls)
+    _convert(run_cli, source, layer_map, output)
+    assert [str(c) for c in calls] == [str(output)]
+    assert output.read_bytes() == reference.read_bytes()
+    assert _temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("code", [errno.EPERM, errno.EOPNOTSUPP], ids=["EPERM", "EOPNOTSUPP"])
+def test_without_hard_links_an_existing_output_is_never_clobbered(
+    tmp_path, run_cli, monkeypatch, code
+):
+    source, layer_map = _case(tmp_path)
+    output = tmp_path / "out.safetensors"
+    output.write_bytes(b"someone else's file")
+    _no_hard_links(monkeypatch, code)
+    outcome = run_cli("convert", source, "--map", layer_map, "-o", output)
+    assert outcome.code == 2 and "already exists" in outcome.stderr
+    assert output.read_bytes() == b"someone else's file"
+    # --force replaces it, with a rename: no link needed.
+    outcome = run_cli("convert", source, "--map", layer_map, "-o", output, "--force")
+    assert outcome.code == 0, outcome.stderr
+    assert load_file(str(output))["fc.bias"].shape == (5,)
+    assert _temp_files(tmp_path) == []
+
+
+def test_without_hard_links_a_target_that_appears_before_publishing_is_kept(tmp_path, monkeypatch):
+    from fc2conv_cli.errors import OutputError
+
+    staged, source = _staged(tmp_path)
+    staged.seal(hashlib.sha256(source.read_bytes()).hexdigest())
+
+    def link(src, dst, *args, **kwargs):
+        Path(dst).write_bytes(b"appeared meanwhile")  # another writer wins the race
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "link", link)
+    with pytest.raises(OutputError, match="already exists"):
+        staged.publish(overwrite=False)
+    assert staged.target.read_bytes() == b"appeared meanwhile"
+    assert _temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [(OSError(errno.EIO, os.strerror(errno.EIO)), 2), (KeyboardInterrupt(), 130)],
+    ids=["EIO", "KeyboardInterrupt"],
+)
+def test_without_hard_links_a_failed_rename_removes_the_claim(
+    tmp_path, run_cli, monkeypatch, failure, code
+):
+    source, layer_map = _case(tmp_path)
+    output = tmp_path / "out.safetensors"
+    _no_hard_links(monkeypatch, errno.EPERM)
+    real_replace = os.replace
+    claimed = []
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst) == output:
+            claimed.append(output.exists() and output.stat().st_size == 0)
+            raise failure
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    outcome = run_cli("convert", source, "--map", layer_map, "-o", output)
+    assert outcome.code == code, outcome.stderr
+    assert claimed == [True]  # the name was claimed (empty) before the rename
+    assert not output.exists()  # and the claim removed after it failed
+    assert _temp_files(tmp_path) == []
+
+
+def test_a_folder_that_cannot_be_synced_still_publishes(tmp_path, run_cli, monkeypatch):
+    import stat
+
+    source, layer_map = _case(tmp_path)
+    output = tmp_path / "out.safetensors"
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))  # SMB, some FUSE
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    _convert(run_cli, source, layer_map, output)
+    assert load_file(str(output))["fc.weight"].shape == (5, 4, 2, 3)
+
+
+# ------------------------------------------------------- any exception leaves no temp file
+
+
+def _fail_at(monkeypatch, stage: str, failure: BaseException) -> list[str]:
+    """Raise ``failure`` at ``stage`` of the write; returns the stages that were reached."""
+    from fc2conv_cli import write
+
+    reached: list[str] = []
+    if stage == "mid-write":
+        original = write._write_tensor
+
+        def failing(file, planned, checkpoint):
+            if reached:
+                file.write(b"\0" * 5)
+                raise failure
+            reached.append(stage)
+            return original(file, planned, checkpoint)
+
+        monkeypatch.setattr(write, "_write_tensor", failing)
+    elif stage == "seal":
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            if Path(os.readlink(f"/proc/self/fd/{fd}")).name.endswith(".tmp"):
+                reached.append(stage)
+                raise failure
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+    elif stage == "safetensors check":
+
+        def check(*args):
+            reached.append(stage)
+            raise failure
+
+        monkeypatch.setattr(write, "_check_with_safetensors", check)
+    else:  # publish
+
+        def fail(*args, **kwargs):
+            reached.append(stage)
+            raise failure
+
+        monkeypatch.setattr(os, "link", fail)
+        monkeypatch.setattr(os, "replace", fail)
+    return reached
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fds through /proc")
+@pytest.mark.parametrize("force", [False, True], ids=["new", "--force"])
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [(KeyboardInterrupt(), 130), (ValueError("a bug"), 3), (MemoryError(), 3)],
+    ids=["KeyboardInterrupt", "ValueError", "MemoryError"],
+)
+@pytest.mark.parametrize("stage", ["mid-write", "seal", "safetensors check", "publish"])
+def test_any_exception_at_any_stage_leaves_no_temp_file(
+    tmp_path, run_cli, monkeypatch, stage, failure, code, force
+):
+    source, layer_map = _case(tmp_path)
+    output = tmp_path / "out.safetensors"
+    before = _previous_output(run_cli, source, layer_map, output, force)
+    reached = _fail_at(monkeypatch, stage, failure)
+    extra = ["--force"] if force else []
+    outcome = run_cli("convert", source, "--map", layer_map, "-o", output, *extra)
+    assert reached, f"{stage} was never reached"
+    assert outcome.code == code, outcome.stderr
+    _assert_not_published(output, before)
+
+
+def test_staged_file_methods_clean_up_on_a_non_os_error(tmp_path, monkeypatch):
+    staged, _ = _staged(tmp_path)
+    with pytest.raises(ValueError, match="64-character"):
+        staged.seal("not a digest")
+    assert _temp_files(tmp_path) == [] and not staged.target.exists()
+    staged, _ = _staged(tmp_path)
+    with pytest.raises(ValueError, match="seal"):
+        staged.publish(overwrite=False)  # not sealed: a caller's bug, still cleaned up
+    assert _temp_files(tmp_path) == [] and not staged.target.exists()
+
+
+@pytest.mark.parametrize("code", [errno.EPERM, errno.EXDEV], ids=["EPERM", "EXDEV"])
+def test_a_suggested_map_is_written_without_hard_links_and_never_clobbers(
+    tmp_path, run_cli, monkeypatch, code
+):
+    source, _ = _case(tmp_path)
+    target = tmp_path / "suggested.yaml"
+    _no_hard_links(monkeypatch, code)
+    outcome = run_cli("inspect", source, "--suggest-map", "-o", target)
+    assert outcome.code == 0, outcome.stderr
+    assert "layers:" in target.read_text()
+
+    from fc2conv_cli.errors import OutputError
+    from fc2conv_cli.write import write_text
+
+    target.write_text("mine")
+    with pytest.raises(OutputError, match="already exists"):
+        write_text(target, "theirs", overwrite=False)
+    assert target.read_text() == "mine"
+    write_text(target, "theirs", overwrite=True)
+    assert target.read_text() == "theirs"
+    assert _temp_files(tmp_path) == []
+
+
+def test_write_text_cleans_up_after_any_exception(tmp_path, monkeypatch):
+    from fc2conv_cli.write import write_text
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_text(tmp_path / "map.yaml", "text", overwrite=True)
+    assert _temp_files(tmp_path) == [] and not (tmp_path / "map.yaml").exists()
+
+
+def test_temp_names_are_recognised(tmp_path):
+    from fc2conv_cli.write import _temp_path, is_temp_file
+
+    target = tmp_path / "model.safetensors"
+    assert all(is_temp_file(_temp_path(target)) for _ in range(20))
+    assert not is_temp_file(target)
+    assert not is_temp_file(tmp_path / ".model.safetensors")
+    assert not is_temp_file(tmp_path / "model.tmp.safetensors")
