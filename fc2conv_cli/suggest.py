@@ -546,8 +546,21 @@ def _from_weights(
     if len(shapes) > _MAX_SHAPES:
         notes.append(f"{len(shapes)} map shapes: only the {_MAX_SHAPES} squarest are scored")
         shapes = shapes[:_MAX_SHAPES]
-    guess = guess_map(checkpoint.array(root.name), channels, shapes, weight_format, orders)
-    best = guess.best
+    weight = checkpoint.array(root.name)
+    guess = guess_map(weight, channels, shapes, weight_format, orders)
+    best, shape_source = guess.best, "weights"
+    lean = notes and notes[0].startswith(("W = 1", "H = 1"))
+    if best is None and lean:
+        # The weights cannot place the map among every shape; the (k, 1) kernels say
+        # W = 1 (or H = 1): the order is scored on that shape alone.
+        within = guess_map(weight, channels, shapes[:1], weight_format, orders)
+        if within.best is not None:
+            size = "x".join(map(str, shapes[0]))
+            notes.append(
+                f"over every shape the weights cannot tell ({guess.reason}); {size} is the "
+                "kernels' answer, its order the weights'"
+            )
+            best, shape_source = within.best, "geometry"  # every candidate stays listed
     if best is not None:
         shape, layout = _pick(best.members, shapes, orders)
         twins = _twins(best.members, (shape, layout), channels)
@@ -562,13 +575,18 @@ def _from_weights(
             f"{best.confidence:.2f} (best of {len(guess.candidates)} candidates, "
             f"{best.z:.1f} sigma above chance)."
         )
+        if shape_source == "geometry":
+            said = (
+                f"Map shape from the conv kernels ({'x'.join(map(str, shape))}), layout from "
+                f"the weights: {layout}, confidence {best.confidence:.2f}."
+            )
         if layout_source:
             said = (
                 f"Layout {reading.how} ({layout}); map shape from the weights: "
                 f"{_label(shape, layout)}, confidence {best.confidence:.2f}."
             )
         first = _First(channels, shape, layout, "weights", layout_source or "weights",
-                       "weights", best.confidence, said, guess=guess)  # fmt: skip
+                       shape_source, best.confidence, said, guess=guess)  # fmt: skip
         first.ambiguities = ambiguities
         return first
     shape, layout = shapes[0], orders[0]

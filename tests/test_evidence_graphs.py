@@ -465,3 +465,35 @@ def test_a_bad_prototxt_is_one_line_exit_2(run_cli, tmp_path):
     outcome = run_cli("inspect", model, "--prototxt", tmp_path / "bad.prototxt", "--suggest-map")
     assert outcome.code == 2 and len(outcome.stderr.strip().splitlines()) == 1
     assert "not a readable Caffe prototxt" in outcome.stderr
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_keras_file_reads_its_config_and_converts_as_keras_computes(run_cli, tmp_path, suffix):
+    """End to end on a saved Keras model (``.keras`` and a full-model ``.h5``): a channels
+    last net whose Flatten follows ``Permute((3, 1, 2))``, so it flattens ``chw``."""
+    import keras
+
+    L = keras.layers
+    model = _keras_sequential(
+        [L.Conv2D(4, 3, name="conv"), L.MaxPooling2D(2, name="pool"),
+         L.Permute((3, 1, 2), name="to_chw"), L.Flatten(name="flatten"),
+         L.Dense(5, name="fc1"), L.Dense(2, name="fc2")],
+        (10, 16, 3),
+    )  # fmt: skip
+    path = tmp_path / f"model{suffix}"
+    model.save(path)
+    found = suggestion(path)
+    assert (found.source, found.layout, found.kernel, found.in_channels) == (
+        "config", "chw", (4, 7), 4
+    )  # fmt: skip
+    assert "read from the Keras config" in found.text
+    doc = yaml.safe_load(found.text)
+    assert [r["name"] for r in doc["layers"]] == ["fc1", "fc2"] and "weight_format" not in doc
+    converted = convert(run_cli, tmp_path, path, found.text)
+    x = RNG.standard_normal((1, 10, 16, 3)).astype(np.float32)
+    fmap = keras.Model(model.inputs, model.get_layer("pool").output).predict(x, verbose=0)
+    dense = keras.Model(model.inputs, model.get_layer("fc1").output).predict(x, verbose=0)
+    head = conv_at_native_size(
+        converted["fc1/kernel"], converted["fc1/bias"], np.asarray(fmap).transpose(0, 3, 1, 2)
+    )
+    np.testing.assert_allclose(head, np.asarray(dense), rtol=1e-4, atol=1e-4)

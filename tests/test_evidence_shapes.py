@@ -50,9 +50,11 @@ def test_factorisations_cover_every_split():
 def test_kernel_geometry_narrows_the_shapes():
     column = [ConvInfo("a", 8, 1, (3, 1)), ConvInfo("b", 8, 8, (5, 1)), ConvInfo("p", 8, 8, (1, 1))]
     assert orientation(column)[0] == "column"
-    assert map_shapes(6, 2, column) == ([(6, 1)], [map_shapes(6, 2, column)[1][0]])
+    shapes, [note] = map_shapes(6, 2, column)
+    assert shapes[0] == (6, 1) and set(shapes) == set(factorisations(6, 2))  # first, not only
+    assert note.startswith("W = 1 is likely: every conv kernel larger than 1x1 is (k, 1)")
     row = [ConvInfo("a", 8, 1, (1, 3))]
-    assert map_shapes(6, 2, row)[0] == [(1, 6)]
+    assert map_shapes(6, 2, row)[0][0] == (1, 6)
     square = [ConvInfo("a", 8, 1, (3, 3))]
     assert map_shapes(36, 2, square)[0][:3] == [(6, 6), (4, 9), (9, 4)]  # squarest, wide first
     tall = [ConvInfo("a", 8, 1, (5, 3)), ConvInfo("b", 8, 8, (3, 3))]
@@ -137,9 +139,11 @@ def trained_column_net(order: str, length: int = 32) -> tuple[dict[str, np.ndarr
 def test_h_by_1_maps_with_k_by_1_kernels(run_cli, tmp_path, order):
     tensors, height = trained_column_net(order)
     found = suggest(tmp_path, tensors)
-    assert found.kernel == (height, 1)  # the (3, 1) kernels say W = 1
-    assert any("W = 1" in note for note in found.ambiguities)
+    assert found.kernel == (height, 1)  # the weights say 1-D, the (3, 1) kernels which way
+    assert any("W = 1 is likely" in note for note in found.ambiguities)
+    assert {s for c in found.candidates for s, _ in c.members} == set(factorisations(height, 2))
     assert (found.source, found.layout) == ("weights", order), found.text
+    assert found.shape_source in ("weights", "geometry")  # geometry: the kernels decided
     assert found.layers == ("fc", "out")
 
 

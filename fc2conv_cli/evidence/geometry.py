@@ -36,7 +36,7 @@ def factorisations(positions: int, rank: int) -> list[tuple[int, ...]]:
 
 def orientation(convs: list[ConvInfo]) -> tuple[str | None, str]:
     """What 2-D kernels say about the map: ``("column", why)`` when every kernel larger
-    than 1x1 is ``(k, 1)`` (the map has W = 1), ``("row", why)`` for ``(1, k)`` (H = 1),
+    than 1x1 is ``(k, 1)`` (likely W = 1), ``("row", why)`` for ``(1, k)`` (H = 1),
     ``("tall"|"wide", why)`` when unequal kernels lean one way, else ``(None, "")``."""
     shaped = [c for c in convs if c.rank == 2 and math.prod(c.kernel) > 1]
     if not shaped:
@@ -55,22 +55,24 @@ def orientation(convs: list[ConvInfo]) -> tuple[str | None, str]:
 
 
 def map_shapes(positions: int, rank: int, convs: list[ConvInfo]) -> tuple[list, list[str]]:
-    """(candidate shapes in preference order, notes on what the geometry ruled out).
+    """(candidate shapes in preference order, notes on what the geometry says).
 
-    ``(k, 1)`` kernels everywhere leave only ``positions x 1`` (and ``(1, k)`` only
-    ``1 x positions``). Otherwise every factorisation stays, ordered most square first,
-    taller-first when the kernels lean tall, else wider (or square) first.
+    Every factorisation stays a candidate (a net may pool a 2-D map after (k, 1) convs);
+    the geometry orders them: ``(k, 1)`` kernels everywhere put ``positions x 1`` first
+    (``(1, k)``: ``1 x positions``), then the most square, taller-first when the kernels
+    lean tall, else wider (or square) first.
     """
     shapes = factorisations(positions, rank)
     notes: list[str] = []
     lean, why = orientation(convs) if rank == 2 else (None, "")
+    first = None
     if lean == "column":
-        shapes, notes = [(positions, 1)], [f"W = 1: {why}"]
+        first, notes = (positions, 1), [f"W = 1 is likely: {why}"]
     elif lean == "row":
-        shapes, notes = [(1, positions)], [f"H = 1: {why}"]
+        first, notes = (1, positions), [f"H = 1 is likely: {why}"]
 
     def key(shape: tuple[int, ...]) -> tuple:
-        preferred = shape[0] > shape[-1] if lean == "tall" else shape[0] <= shape[-1]
-        return (max(shape) / min(shape), not preferred, shape)
+        preferred = shape[0] > shape[-1] if lean in ("tall", "column") else shape[0] <= shape[-1]
+        return (shape != first, max(shape) / min(shape), not preferred, shape)
 
     return sorted(shapes, key=key), notes
