@@ -497,3 +497,15 @@ def test_keras_file_reads_its_config_and_converts_as_keras_computes(run_cli, tmp
         converted["fc1/kernel"], converted["fc1/bias"], np.asarray(fmap).transpose(0, 3, 1, 2)
     )
     np.testing.assert_allclose(head, np.asarray(dense), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("version", ["V1", "V2"])
+def test_a_caffemodel_with_its_own_input_shape_needs_no_prototxt(tmp_path, version):
+    from test_reader_caffe import FEATURE, _build
+
+    built = _build(tmp_path, version, "F32")
+    found = suggestion(built.model)
+    assert (found.source, found.kernel, found.in_channels, found.layout) == (
+        "graph", FEATURE[1:], FEATURE[0], "chw"
+    )  # fmt: skip
+    assert found.reading.how == "read from the Caffe net"

@@ -22,18 +22,19 @@ _KEEP = ("ReLU", "PReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "Power", "Exp", "L
 _HOW = "read from the prototxt"
 
 
-def read_caffe(net: dict[str, Any], layer: str) -> Reading:
+def read_caffe(net: dict[str, Any], layer: str, how: str = _HOW) -> Reading:
+    """The InnerProduct ``layer``'s input from ``net`` (``how``: where the net came from)."""
     layers = net.get("layers") or []
     shapes: dict[str, list[int]] = {
         i["name"]: list(i["shape"]) for i in net.get("inputs", []) if i.get("shape")
     }
     target = next((e for e in layers if e["name"] == layer), None)
     if target is None:
-        return Reading("graph", _HOW, problem=f"no layer {layer!r} in the net")
+        return Reading("graph", how, problem=f"no layer {layer!r} in the net")
     fmt = WeightFormat.IN_OUT if target["params"].get("transpose") else WeightFormat.OUT_IN
     base = {"weight_format": fmt}
     if not shapes:
-        return Reading("graph", _HOW, problem="the net gives no input shape", **base)
+        return Reading("graph", how, problem="the net gives no input shape", **base)
     walked: list[str] = []
     flattened: dict[str, list[int]] = {}  # a Flatten's top -> the shape it flattened
     for entry in layers:
@@ -46,19 +47,19 @@ def read_caffe(net: dict[str, Any], layer: str) -> Reading:
     if shape is not None and len(shape) == 2 and bottom in flattened:
         shape = flattened[bottom]
     if shape is None or len(shape) < 2:
-        return Reading("graph", _HOW, problem=f"no shape for {layer}'s input {bottom!r}", **base)
+        return Reading("graph", how, problem=f"no shape for {layer}'s input {bottom!r}", **base)
     axis = target["params"].get("axis", 1)
     if axis != 1:
-        return Reading("graph", _HOW, problem=f"{layer} flattens from axis {axis}", **base)
+        return Reading("graph", how, problem=f"{layer} flattens from axis {axis}", **base)
     if len(shape) == 2:
-        return Reading("graph", _HOW, problem=f"{layer} reads a flat blob {bottom!r}", **base)
+        return Reading("graph", how, problem=f"{layer} reads a flat blob {bottom!r}", **base)
     rank = len(shape) - 2
     if rank not in SPATIAL_AXES:
-        return Reading("graph", _HOW, problem=f"{bottom!r} has rank {len(shape)}", **base)
+        return Reading("graph", how, problem=f"{bottom!r} has rank {len(shape)}", **base)
     nodes = (*walked[-3:], f"InnerProduct {layer}")
     return Reading(
         "graph",
-        _HOW,
+        how,
         layout="c" + SPATIAL_AXES[rank],
         channels=shape[1],
         shape=tuple(shape[2:]),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fc2conv_cli.layout import WeightFormat
@@ -35,7 +35,6 @@ class Reading:
     pooled: bool = False
     problem: str | None = None
     bias: str | None = None
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def complete(self) -> bool:
@@ -53,7 +52,9 @@ def read_map(
     if checkpoint.kind == "caffe" or net is not None:
         from fc2conv_cli.evidence.caffe_net import read_caffe
 
-        return read_caffe(net or graph, layer) if (net or graph) else None
+        if net is not None:
+            return read_caffe(net, layer)
+        return read_caffe(graph, layer, "read from the Caffe net") if graph else None
     if graph is None:
         return None
     if checkpoint.kind == "onnx":
