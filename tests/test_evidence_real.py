@@ -11,7 +11,8 @@ Fixtures (tests/fixtures/real/README.md gives sources and licences):
 
 Each real FC weight is also re-flattened into every other order (its columns permuted, so
 the truth is known exactly) to calibrate the guess on real filters in all six orders.
-``python tests/test_evidence_real.py`` prints the calibration table of docs/suggest.md.
+``python tests/test_evidence_real.py`` prints the calibration table of README.md
+("Measured on real trained checkpoints", under ``fc2conv inspect``).
 """
 
 from __future__ import annotations
