@@ -84,13 +84,16 @@ _seed_option = click.option(
 
 _CONVERT_HELP = """Convert the FC layers named in MAP of checkpoint INPUT into conv weights.
 
-INPUT is a .safetensors file or a PyTorch checkpoint (.pt, .pth, .bin, .ckpt), read with
-torch.load(weights_only=True): code in a pickle is never run. The first FC becomes a
-k x k conv over the feature map it used to flatten, later FCs 1x1 convs; every other
-tensor is copied unchanged. The output is written atomically and only after the checks
-pass: each converted layer is compared in float64 with the FC it replaces (on a
-kernel-sized input and, for kernels larger than 1, densely on a larger one), and every
-copied tensor byte for byte.
+INPUT is a checkpoint in any format fc2conv reads: .safetensors, PyTorch (.pt, .pth,
+.bin, .ckpt, .pth.tar; read with torch.load(weights_only=True)), Keras (.keras,
+.weights.h5, .h5), ONNX (.onnx), Caffe (.caffemodel), TF.js (model.json) or NumPy (.npz,
+.npy; a restricted unpickler). The format is found from the content, then the suffix
+(--format overrides); nothing in a file is ever run. The first FC becomes a k x k conv
+over the feature map it used to flatten, later FCs 1x1 convs; every other tensor is
+copied unchanged. The output is written atomically and only after the checks pass:
+every converted value is compared bit for bit with the FC weight it came from, the
+layer is run in float64 as a convolution against the FC (on kernel-sized inputs and
+densely on a larger map), and every copied tensor is compared byte for byte.
 
 \b
 Example:

@@ -118,7 +118,7 @@ def resolve_map_path(path: Path, folder: Path | None = None) -> Path:
     is the path itself.
     """
     local = path if folder is None else folder / path
-    if local.exists() or not _is_bare_name(path):
+    if local.is_file() or not _is_bare_name(path):  # a folder named vgg16 hides nothing
         return local
     return sample_configs().get(str(path), local)
 

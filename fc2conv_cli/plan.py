@@ -177,7 +177,9 @@ def _output_name(rule: Rule, source: str, default_suffix: str) -> str:
     """A converted tensor keeps its name; ``rename`` replaces the layer prefix only."""
     if rule.rename is None:
         return source
-    suffix = source[len(rule.name) :] if source.startswith(rule.name) else default_suffix
+    rest = source[len(rule.name) :]
+    # The layer prefix is a whole name segment: "head" prefixes "head.w", not "head_w".
+    suffix = rest if source.startswith(rule.name) and rest[:1] in (".", "/") else default_suffix
     return rule.rename + suffix
 
 

@@ -213,3 +213,13 @@ def test_a_merge_key_may_still_be_overridden():
 def test_the_same_key_in_two_mappings_is_no_duplicate():
     layer_map = parse("version: 1\nlayout: chw\nlayers:\n  - {name: a}\n  - {name: b}\n")
     assert [r.name for r in layer_map.rules] == ["a", "b"]
+
+
+def test_a_folder_named_like_a_shipped_map_does_not_hide_it(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from fc2conv_cli.layer_map import read_layer_map
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vgg16").mkdir()  # e.g. the zoo's folder of VGG16 checkpoints
+    assert read_layer_map(Path("vgg16")).rules[0].name == "classifier.0"

@@ -464,3 +464,16 @@ def test_the_manifest_knows_the_readers_formats_and_suffixes():
 
     assert FORMATS == READERS_FORMATS
     assert sorted(CHECKPOINT_SUFFIXES) == sorted(suffix for suffix, _ in SUFFIXES)
+
+
+def test_a_folder_beside_the_manifest_does_not_hide_a_shipped_map(tmp_path):
+    from fc2conv_cli.manifest import read_manifest
+
+    (tmp_path / "vgg16").mkdir()
+    (tmp_path / "vgg16" / "a.safetensors").write_bytes(b"")
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(
+        'version: 1\noutput_dir: out\njobs:\n  - {inputs: "vgg16/*.safetensors", map: vgg16}\n'
+    )
+    (item,) = read_manifest(manifest)
+    assert item.map_path.parent.name == "sample_configs" and item.map_path.name == "vgg16.yaml"

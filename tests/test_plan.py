@@ -220,3 +220,12 @@ def test_several_matching_suffixes_are_refused_as_ambiguous():
     tensors = {**_keras_index("in_out"), **index(fc1__weight=(5, 24))}
     (problem,) = problems(tensors, KERAS_MAP)
     assert "several weights match 'fc1': fc1.weight, fc1/kernel; name one with weight:" in problem
+
+
+def test_rename_replaces_only_a_whole_name_segment():
+    tensors = index(head_w=(3, 8), head__b=(3,))
+    text = (
+        "version: 1\nlayout: chw\nlayers: [{name: head, rename: fc8, weight: head_w, bias: head.b}]"
+    )
+    (layer,) = plan_for(tensors, text).layers
+    assert (layer.weight.name, layer.bias.name) == ("fc8.weight", "fc8.b")
