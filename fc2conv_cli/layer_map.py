@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -98,6 +99,36 @@ class LayerMap:
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "<yaml>") -> LayerMap:
+        """Parse and validate map YAML text; ``source`` names it in messages.
+
+        Raises ``MapError`` listing every problem.
+        """
+        return parse_layer_map(text, source)
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], source: str = "<dict>") -> LayerMap:
+        """Validate a map given as plain data (the YAML document's dict).
+
+        Tuples count as lists. ``text`` (recorded in an output's metadata) is the dict
+        dumped as YAML. Raises ``MapError`` listing every problem.
+        """
+        plain = _plain(doc)  # a kernel given as a tuple is a list, as in YAML
+        try:
+            text = yaml.safe_dump(plain, sort_keys=False)
+        except yaml.YAMLError:
+            text = repr(plain)  # the validator names what is not plain data
+        return _Validator(source).layer_map(plain, text)
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike[str]) -> LayerMap:
+        """Read a map file, or a shipped map by its bare name (``vgg16``).
+
+        Raises ``MapError``.
+        """
+        return read_layer_map(Path(path))
 
 
 def sample_configs() -> dict[str, Path]:
@@ -398,6 +429,15 @@ class _Validator:
         if len(value) != ndim:
             self.problem(where, "kernel", f"{ndim} sizes like the map's other kernels", value)
         return tuple(value)
+
+
+def _plain(value: Any) -> Any:
+    """Mappings and tuples as dicts and lists, so ``yaml.safe_dump`` writes them."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _is_name(value: Any) -> bool:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from fc2conv_cli import __version__
 from fc2conv_cli.errors import EXIT_CHECK_FAILED, EXIT_OK, CheckFailed, OutputError
-from fc2conv_cli.layer_map import read_layer_map
+from fc2conv_cli.layer_map import LayerMap, read_layer_map
 from fc2conv_cli.plan import Plan, build_plan
 from fc2conv_cli.readers import open_checkpoint, open_safetensors, sha256_in_background
 from fc2conv_cli.schema import language_server_line, schema_text
@@ -30,6 +30,7 @@ __all__ = [
     "ConvertResult",
     "InspectResult",
     "convert",
+    "convert_in_memory",
     "inspect",
     "verify",
 ]
@@ -52,6 +53,7 @@ class ConvertOptions:
     force: bool = False
     seed: int = 0
     format: str | None = None  # --format: read INPUT as this format, whatever it looks like
+    layer_map: LayerMap | None = None  # the map itself (from the API); else map_path is read
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ class ConvertResult:
 def convert(options: ConvertOptions) -> ConvertResult:
     """Convert one checkpoint; raises ``InputError`` (2) or ``CheckFailed`` (1)."""
     started = time.perf_counter()
-    layer_map = read_layer_map(options.map_path)
+    layer_map = _layer_map(options)
     # A dry run replaces nothing, so an existing output is no reason to refuse it.
     check_output_path(options.input, options.output, options.force or options.dry_run)
     # Hashing runs in a thread from here on, overlapping the torch import and the copy.
@@ -170,7 +172,7 @@ def verify(options: ConvertOptions) -> ConvertResult:
     ``CheckFailed`` (1).
     """
     started = time.perf_counter()
-    layer_map = read_layer_map(options.map_path)
+    layer_map = _layer_map(options)
     with (
         open_checkpoint(
             options.input, layer_map.strip_prefixes, layer_map.state_dict_key, options.format
@@ -190,6 +192,31 @@ def verify(options: ConvertOptions) -> ConvertResult:
     if not result.ok:
         raise CheckFailed(_failure_message(result), result)
     return result
+
+
+def convert_in_memory(
+    source: Checkpoint, layer_map: LayerMap, options: ConvertOptions
+) -> tuple[ConvertResult, Checkpoint]:
+    """Convert an opened checkpoint into memory: the same plan, tensor data and checks as
+    ``convert`` (unless ``options.check`` is off), and no file. Returns the result and a
+    checkpoint over the written tensors. Raises ``InputError`` (2) or ``CheckFailed`` (1).
+    """
+    from fc2conv_cli.write import write_to_memory
+
+    started = time.perf_counter()
+    plan = build_plan(source.tensors, layer_map, source.weight_format)
+    written = write_to_memory(plan, source)
+    result = ConvertResult(options, source.kind, plan, source.notes)
+    result = replace(result, output_bytes=sum(t.nbytes for t in plan.tensors))
+    if options.check:
+        result = _checked(result, source, written)
+    if not result.ok:
+        raise CheckFailed(_failure_message(result), _finish(result, started))
+    return _finish(result, started), written
+
+
+def _layer_map(options: ConvertOptions) -> LayerMap:
+    return options.layer_map if options.layer_map is not None else read_layer_map(options.map_path)
 
 
 def _checked(result: ConvertResult, source: Checkpoint, written: Checkpoint) -> ConvertResult:

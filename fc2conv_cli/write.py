@@ -19,11 +19,15 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from fc2conv_cli.errors import InternalError, OutputError, shown
 from fc2conv_cli.layout import WeightFormat
 from fc2conv_cli.plan import Plan, PlannedTensor
 from fc2conv_cli.readers import Checkpoint
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = [
     "CHUNK_BYTES",
@@ -35,6 +39,7 @@ __all__ = [
     "remove_temp_files",
     "write_safetensors",
     "write_text",
+    "write_to_memory",
 ]
 
 # Bytes are copied and converted in pieces of this size, so memory stays flat whatever
@@ -206,6 +211,44 @@ def write_safetensors(
     return StagedFile(temp, target, size, fd, header, flushing, index, dict(written))
 
 
+def write_to_memory(plan: Plan, checkpoint: Checkpoint) -> Checkpoint:
+    """The planned tensors, written as ``write_safetensors`` writes their data, into one
+    writable in-memory buffer: a ``Checkpoint`` over it (kind ``safetensors``) that the
+    checks read as they read a staged file. No file is written."""
+    from fc2conv_cli.readers import TensorInfo
+
+    memory = _MemoryFile(sum(t.nbytes for t in plan.tensors))
+    offsets = {}
+    for planned in plan.tensors:
+        start = memory.offset
+        _write_tensor(memory, planned, checkpoint)
+        if memory.offset - start != planned.nbytes:
+            raise InternalError(
+                f"{shown(planned.name)}: wrote {memory.offset - start} bytes, "
+                f"planned {planned.nbytes}; this is a bug, please report it"
+            )
+        offsets[planned.name] = (start, memory.offset)
+    tensors = {t.name: TensorInfo(t.name, t.dtype, tuple(t.shape)) for t in plan.tensors}
+    buffers = {name: memory.view[a:b] for name, (a, b) in offsets.items()}
+    return Checkpoint(Path("<memory>"), "safetensors", tensors, buffers, ())
+
+
+class _MemoryFile:
+    """A preallocated bytearray that ``_write_tensor`` writes into as into a file."""
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+        self.view = memoryview(self.data)
+        self.offset = 0
+
+    def write(self, data: Buffer) -> int:
+        chunk = memoryview(data).cast("B")
+        end = self.offset + chunk.nbytes
+        self.view[self.offset : end] = chunk
+        self.offset = end
+        return chunk.nbytes
+
+
 def write_text(target: Path, text: str, overwrite: bool) -> None:
     """Write a small text file (a suggested map) atomically; never clobber without overwrite."""
     if target.exists() and not overwrite:
@@ -252,7 +295,10 @@ def _header(plan: Plan, metadata: Mapping[str, str]) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
-def _write_tensor(file, planned: PlannedTensor, checkpoint: Checkpoint) -> None:
+def _write_tensor(
+    file: BinaryIO | _MemoryFile, planned: PlannedTensor, checkpoint: Checkpoint
+) -> None:
+    """Write one planned tensor's bytes to ``file`` (a staged file, or memory)."""
     conversion = planned.conversion
     if conversion is None or not conversion.moves_bytes:
         raw = checkpoint.raw(planned.source)

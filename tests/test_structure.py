@@ -30,6 +30,7 @@ ORDER = [
     "pipeline",
     "batch",
     "report",
+    "api",  # after report: to_json() is report's JSON; before cli, a thin layer over it
     "cli",
 ]
 
