@@ -40,8 +40,7 @@ if TYPE_CHECKING:
         verify,
     )
 
-# Names re-exported from ``fc2conv_cli.api``.
-_API = (
+__all__ = [
     "DEFAULT_ATOL",
     "CheckFailed",
     "CheckpointError",
@@ -54,6 +53,7 @@ _API = (
     "OutputError",
     "PlanError",
     "SuggestedMap",
+    "__version__",
     "convert",
     "convert_state_dict",
     "error_json",
@@ -61,9 +61,9 @@ _API = (
     "output_path",
     "suggest_map",
     "verify",
-)
-
-__all__ = ["__version__", *_API]
+]
+# Every name but __version__ comes from ``fc2conv_cli.api``.
+_API = frozenset(__all__) - {"__version__"}
 
 
 def __getattr__(name: str) -> Any:

@@ -36,7 +36,7 @@ from fc2conv_cli.errors import (
     PlanError,
 )
 from fc2conv_cli.layer_map import LayerMap, read_layer_map
-from fc2conv_cli.pipeline import DEFAULT_ATOL, ConvertOptions
+from fc2conv_cli.pipeline import DEFAULT_ATOL, ConvertOptions, Steps
 from fc2conv_cli.suggest import SuggestedMap
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ __all__ = [
     "OutputError",
     "PathLike",
     "PlanError",
+    "Steps",
     "SuggestedMap",
     "convert",
     "convert_state_dict",
@@ -169,18 +170,34 @@ def convert(
     force: bool = False,
     seed: int = 0,
     format: str | None = None,
+    steps: Steps | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint ``input`` by ``layer_map`` into the ``.safetensors`` file
-    ``output`` (or ``output/<stem>.safetensors``, see ``output_path``).
+    ``output`` (or ``output/<stem>.safetensors``, see ``output_path``; a folder named
+    with a trailing ``/`` is created if missing, not its parents).
 
     The file is published only after every check passed (``check=False`` skips them;
     ``dry_run=True`` plans and writes nothing). ``format`` names the input's format
     instead of detecting it. Raises ``InputError`` (exit code 2: bad map, checkpoint,
     plan or output) or ``CheckFailed`` (1; its ``result`` says which layer failed).
+    ``steps`` (a ``pipeline.Steps``) is told each step and the bytes written and checked.
     """
-    options = _options(input, layer_map, output_path(input, output), atol, seed, format)
+    target = output_path(input, output)
+    options = _options(input, layer_map, target, atol, seed, format)
     options = _replace(options, check=check, dry_run=dry_run, force=force)
-    return _run(pipeline.convert, options)
+    if target != Path(output) and not dry_run:
+        _make_folder(target.parent)
+    return _run(pipeline.convert, options, steps)
+
+
+def _make_folder(folder: Path) -> None:
+    """Create the output folder named ``DIR/`` (its parent must exist); ``OutputError``."""
+    try:
+        folder.mkdir(exist_ok=True)
+    except FileNotFoundError:
+        raise OutputError(f"{folder}/: its parent folder does not exist") from None
+    except OSError as exc:
+        raise OutputError(f"{folder}/: cannot create the folder: {exc.strerror}") from None
 
 
 def verify(
@@ -191,6 +208,7 @@ def verify(
     atol: float = DEFAULT_ATOL,
     seed: int = 0,
     format: str | None = None,
+    steps: Steps | None = None,
 ) -> ConvertResult:
     """Check an existing converted file against its ``original`` and ``layer_map``.
 
@@ -198,7 +216,7 @@ def verify(
     (1) when anything differs, ``InputError`` (2) for bad input.
     """
     options = _options(original, layer_map, Path(converted), atol, seed, format)
-    return _run(pipeline.verify, options)
+    return _run(pipeline.verify, options, steps)
 
 
 def inspect(
@@ -334,9 +352,9 @@ def _replace(options: ConvertOptions, **changes: Any) -> ConvertOptions:
     return replace(options, **changes)
 
 
-def _run(action: Any, options: ConvertOptions) -> ConvertResult:
+def _run(action: Any, options: ConvertOptions, steps: Steps | None) -> ConvertResult:
     try:
-        return _wrap(action(options))
+        return _wrap(action(options, steps))
     except CheckFailed as error:
         error.result = _wrap(error.result)
         raise

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from fc2conv_cli import __version__
 from fc2conv_cli.errors import EXIT_CHECK_FAILED, EXIT_OK, CheckFailed, OutputError
@@ -29,6 +29,7 @@ __all__ = [
     "ConvertOptions",
     "ConvertResult",
     "InspectResult",
+    "Steps",
     "convert",
     "convert_in_memory",
     "inspect",
@@ -38,6 +39,24 @@ __all__ = [
 # A correct conversion differs by ~1e-12 in float64; a wrong layout or a corrupt byte by
 # orders of magnitude more. 1e-6 leaves room for huge weights without hiding real errors.
 DEFAULT_ATOL = 1e-6
+
+
+class Steps(Protocol):
+    """Told where a conversion is, for progress and timings (``report`` shows them)."""
+
+    def step(self, name: str, total_bytes: int = 0) -> None:
+        """A step begins (the previous one, if any, has ended); ``total_bytes`` it moves."""
+
+    def advance(self, nbytes: int) -> None:
+        """``nbytes`` more of the current step's bytes are done."""
+
+
+class _NoSteps:
+    def step(self, name: str, total_bytes: int = 0) -> None:
+        pass
+
+    def advance(self, nbytes: int) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -88,17 +107,24 @@ class ConvertResult:
         return EXIT_OK if self.ok else EXIT_CHECK_FAILED
 
 
-def convert(options: ConvertOptions) -> ConvertResult:
-    """Convert one checkpoint; raises ``InputError`` (2) or ``CheckFailed`` (1)."""
+def convert(options: ConvertOptions, steps: Steps | None = None) -> ConvertResult:
+    """Convert one checkpoint; raises ``InputError`` (2) or ``CheckFailed`` (1).
+
+    ``steps`` is told each step as it begins, and the bytes written and checked.
+    """
     started = time.perf_counter()
+    steps = steps or _NoSteps()
+    steps.step("read map")
     layer_map = _layer_map(options)
     # A dry run replaces nothing, so an existing output is no reason to refuse it.
     check_output_path(options.input, options.output, options.force or options.dry_run)
     # Hashing runs in a thread from here on, overlapping the torch import and the copy.
     digest = None if options.dry_run else sha256_in_background(options.input)
+    steps.step("open")
     with open_checkpoint(
         options.input, layer_map.strip_prefixes, layer_map.state_dict_key, options.format
     ) as source:
+        steps.step("plan")
         plan = build_plan(source.tensors, layer_map, source.weight_format)
         result = ConvertResult(options, source.kind, plan, source.notes)
         if options.dry_run:
@@ -110,14 +136,16 @@ def convert(options: ConvertOptions) -> ConvertResult:
             "layer_map": layer_map.text,
             "layer_map_sha256": layer_map.sha256,
         }
-        staged = write_safetensors(plan, source, options.output, metadata)
+        steps.step("write", sum(t.nbytes for t in plan.tensors))
+        staged = write_safetensors(plan, source, options.output, metadata, steps.advance)
         try:
             result = replace(result, output_bytes=staged.nbytes)
             if options.check:
                 with open_safetensors(staged.temp) as written:
-                    result = _checked(result, source, written)
+                    result = _checked(result, source, written, steps)
             if not result.ok:
                 raise CheckFailed(_failure_message(result), _finish(result, started))
+            steps.step("publish")
             staged.seal(digest.result())
             staged.publish(overwrite=options.force)
         finally:
@@ -163,7 +191,7 @@ def inspect(
     return InspectResult(summary, suggestion)
 
 
-def verify(options: ConvertOptions) -> ConvertResult:
+def verify(options: ConvertOptions, steps: Steps | None = None) -> ConvertResult:
     """Check an existing converted file (``options.output``) against its source and map.
 
     Writes nothing. Every rule's tensors must be present with the planned shapes and pass
@@ -172,13 +200,17 @@ def verify(options: ConvertOptions) -> ConvertResult:
     ``CheckFailed`` (1).
     """
     started = time.perf_counter()
+    steps = steps or _NoSteps()
+    steps.step("read map")
     layer_map = _layer_map(options)
+    steps.step("open")
     with (
         open_checkpoint(
             options.input, layer_map.strip_prefixes, layer_map.state_dict_key, options.format
         ) as source,
         open_checkpoint(options.output, format="safetensors") as converted,
     ):
+        steps.step("plan")
         plan = build_plan(source.tensors, layer_map, source.weight_format)
         result = ConvertResult(
             options,
@@ -188,7 +220,7 @@ def verify(options: ConvertOptions) -> ConvertResult:
             output_bytes=options.output.stat().st_size,
             verified=True,
         )
-        result = _finish(_checked(result, source, converted), started)
+        result = _finish(_checked(result, source, converted, steps), started)
     if not result.ok:
         raise CheckFailed(_failure_message(result), result)
     return result
@@ -219,22 +251,29 @@ def _layer_map(options: ConvertOptions) -> LayerMap:
     return options.layer_map if options.layer_map is not None else read_layer_map(options.map_path)
 
 
-def _checked(result: ConvertResult, source: Checkpoint, written: Checkpoint) -> ConvertResult:
+def _checked(
+    result: ConvertResult, source: Checkpoint, written: Checkpoint, steps: Steps | None = None
+) -> ConvertResult:
     # Imported here, with numpy: a --no-check copy needs neither.
     from fc2conv_cli.check import check_copies, check_index, check_layer
 
     options, plan = result.options, result.plan
+    steps = steps or _NoSteps()
+    steps.step("check", sum(t.nbytes for t in plan.tensors))
     # Tensors that are missing or misshapen are reported as such; the rest are checked.
     index_problems = check_index(plan, written)
-    checks = tuple(
-        check_layer(layer, source, written, options.atol, options.seed)
-        for layer in plan.layers
-        if not {layer.weight.name, layer.bias.name if layer.bias else ""} & set(index_problems)
-    )
+    checks = []
+    for layer in plan.layers:
+        outputs = (layer.weight, *((layer.bias,) if layer.bias else ()))
+        if not {t.name for t in outputs} & set(index_problems):
+            checks.append(check_layer(layer, source, written, options.atol, options.seed))
+        steps.advance(sum(t.nbytes for t in outputs))
+    copy_mismatches = check_copies(plan, source, written, skip=index_problems)
+    steps.advance(sum(t.nbytes for t in plan.copied))
     return replace(
         result,
-        checks=checks,
-        copy_mismatches=check_copies(plan, source, written, skip=index_problems),
+        checks=tuple(checks),
+        copy_mismatches=copy_mismatches,
         index_problems=tuple(f"{name}: {problem}" for name, problem in index_problems.items()),
     )
 

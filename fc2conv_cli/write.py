@@ -169,14 +169,19 @@ def check_output_path(source: Path, target: Path, overwrite: bool) -> None:
 
 
 def write_safetensors(
-    plan: Plan, checkpoint: Checkpoint, target: Path, metadata: Mapping[str, str]
+    plan: Plan,
+    checkpoint: Checkpoint,
+    target: Path,
+    metadata: Mapping[str, str],
+    progress: Callable[[int], None] | None = None,
 ) -> StagedFile:
     """Write ``plan`` to a temp file beside ``target``; returns it staged, not published.
 
     ``metadata`` goes into ``__metadata__`` with ``conversion_version``; ``source_sha256``
     is added by ``seal`` (the digest of a large input may still be computing while the data
-    is written and checked). Raises ``OutputError`` on any OS error; the temp file is
-    removed on every failure, whatever the exception.
+    is written and checked). ``progress`` is called with the bytes of each piece of data
+    written. Raises ``OutputError`` on any OS error; the temp file is removed on every
+    failure, whatever the exception.
     """
     written = {**metadata, CONVERSION_KEY: str(CONVERSION_VERSION)}
 
@@ -195,8 +200,9 @@ def write_safetensors(
     try:
         with open(fd, "wb", closefd=False) as file:
             file.write(header("0" * 64))
+            out = file if progress is None else _Counted(file, progress)
             for planned in plan.tensors:
-                _write_tensor(file, planned, checkpoint)
+                _write_tensor(out, planned, checkpoint)
             size = file.tell()
         flushing = _flush_in_background(fd)
     except OSError as exc:
@@ -231,6 +237,19 @@ def write_to_memory(plan: Plan, checkpoint: Checkpoint) -> Checkpoint:
     tensors = {t.name: TensorInfo(t.name, t.dtype, tuple(t.shape)) for t in plan.tensors}
     buffers = {name: memory.view[a:b] for name, (a, b) in offsets.items()}
     return Checkpoint(Path("<memory>"), "safetensors", tensors, buffers, ())
+
+
+class _Counted:
+    """A file whose writes are reported, by their size, to a progress callback."""
+
+    def __init__(self, file: BinaryIO, progress: Callable[[int], None]) -> None:
+        self._file = file
+        self._progress = progress
+
+    def write(self, data: Buffer) -> int:
+        count = self._file.write(data)
+        self._progress(count)
+        return count
 
 
 class _MemoryFile:
@@ -296,7 +315,7 @@ def _header(plan: Plan, metadata: Mapping[str, str]) -> bytes:
 
 
 def _write_tensor(
-    file: BinaryIO | _MemoryFile, planned: PlannedTensor, checkpoint: Checkpoint
+    file: BinaryIO | _MemoryFile | _Counted, planned: PlannedTensor, checkpoint: Checkpoint
 ) -> None:
     """Write one planned tensor's bytes to ``file`` (a staged file, or memory)."""
     conversion = planned.conversion
