@@ -112,7 +112,7 @@ def _layer_map_arg(map_path: Path) -> Path | LayerMap:
         return map_path
     from fc2conv_cli.layer_map import LayerMap
 
-    return LayerMap.from_yaml(click.get_text_stream("stdin").read(), "<stdin>")
+    return LayerMap.from_yaml(sys.stdin.read(), "<stdin>")
 
 
 _json_option = click.option(
