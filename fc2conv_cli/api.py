@@ -23,7 +23,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, Union
+from typing import TYPE_CHECKING, Any, TypeVar, Union, cast
 
 from fc2conv_cli import pipeline
 from fc2conv_cli.errors import (
@@ -277,7 +277,7 @@ def convert_state_dict(
     else:
         from fc2conv_cli.readers import loaded_from_arrays
 
-        loaded = loaded_from_arrays(_STATE_DICT, "numpy", state_dict)  # type: ignore[arg-type]
+        loaded = loaded_from_arrays(_STATE_DICT, "numpy", cast("Mapping[str, Any]", state_dict))
     options = ConvertOptions(
         _STATE_DICT, Path(rules.source), _MEMORY, atol, check, seed=seed, layer_map=rules
     )
@@ -287,7 +287,7 @@ def convert_state_dict(
         except CheckFailed as error:
             error.result = _wrap(error.result)
             raise
-        return _tensors_out(written, kind)  # type: ignore[return-value]
+        return _tensors_out(written, kind)
 
 
 def _state_dict_kind(state_dict: Mapping[str, Any]) -> str:

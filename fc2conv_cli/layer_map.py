@@ -9,7 +9,7 @@ import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import yaml
 
@@ -195,7 +195,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     with ``<<`` may still be overridden, as the merge key's specification says.
     """
 
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
             first: dict[Any, yaml.Node] = {}
             for key_node, _ in node.value:
@@ -330,8 +330,8 @@ class _Validator:
             return ()
         # The map's spatial rank: from its first well-formed kernel (a malformed one, such
         # as [], is reported as itself, not as a rank that every layout then misses).
-        kernels = [
-            layer.get("kernel")
+        kernels: list[list[int]] = [
+            layer["kernel"]
             for layer in layers
             if isinstance(layer, Mapping) and _is_kernel(layer.get("kernel"))
         ]
@@ -440,7 +440,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _is_name(value: Any) -> bool:
+def _is_name(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and bool(value.strip())
 
 
@@ -448,7 +448,7 @@ def _is_positive_int(value: Any) -> bool:
     return type(value) is int and value > 0
 
 
-def _is_kernel(value: Any) -> bool:
+def _is_kernel(value: Any) -> TypeGuard[list[int]]:
     return (
         isinstance(value, list) and 1 <= len(value) <= 3 and all(_is_positive_int(v) for v in value)
     )

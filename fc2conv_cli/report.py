@@ -241,7 +241,9 @@ def conversion_json(result: ConvertResult) -> dict[str, Any]:
 
 def error_json(error: Fc2convError) -> dict[str, Any]:
     """The machine-readable report of a run that stopped on an error."""
-    report = conversion_json(error.result) if hasattr(error, "result") else {"ok": False}
+    report: dict[str, Any] = (
+        conversion_json(error.result) if hasattr(error, "result") else {"ok": False}
+    )
     report["error"] = {"code": error.code, "message": error.message, "exit_code": error.exit_code}
     return report
 

@@ -89,6 +89,8 @@ class StagedFile:
     def seal(self, source_sha256: str) -> None:
         """Write the final header with the source's digest and make the file durable."""
         fd = self._fd
+        if fd is None:
+            raise ValueError("the staged file is sealed already")
         try:
             header = self._seal_header(source_sha256)
             os.pwrite(fd, header, 0)
