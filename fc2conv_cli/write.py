@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fc2conv_cli.errors import InternalError, OutputError, shown
 from fc2conv_cli.layout import WeightFormat
@@ -252,6 +252,9 @@ class _Counted:
         count = self._file.write(data)
         self._progress(count)
         return count
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)  # flush, fileno, tell: the file's own
 
 
 class _MemoryFile:
