@@ -39,6 +39,7 @@ demo: install
 bench: install
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_batch.py
+	$(BIN)/python bench/bench_formats.py
 
 # sdist and wheel into dist/, then twine's check of their metadata. Built with the venv's
 # own setuptools (--no-isolation): no download, and the same build on every run.

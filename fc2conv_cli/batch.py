@@ -33,6 +33,7 @@ from multiprocessing.connection import Connection, Pipe, wait
 from pathlib import Path
 
 import fc2conv_cli
+from fc2conv_cli.digest import sha256_in_background
 from fc2conv_cli.errors import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -44,7 +45,7 @@ from fc2conv_cli.layer_map import read_layer_map
 from fc2conv_cli.manifest import BatchItem
 from fc2conv_cli.pipeline import DEFAULT_ATOL, ConvertOptions, convert
 from fc2conv_cli.plan import Plan, build_plan
-from fc2conv_cli.readers import open_checkpoint, read_safetensors_metadata, sha256_in_background
+from fc2conv_cli.readers import open_checkpoint, read_safetensors_metadata
 from fc2conv_cli.write import CONVERSION_KEY, CONVERSION_VERSION, remove_temp_files
 
 __all__ = [

@@ -1,19 +1,35 @@
 """Prove the written file computes what the source did.
 
-For each converted layer, with a seeded random feature map ``x`` of shape
-``(N, C, *kernel)``: ``fc = layout.flatten(x) @ W.T + b`` with the *source* tensors, and
-``conv = conv_nd(x, Wc, b)`` with the tensors read back from the *written* file. Both in
-float64, so the difference measures the conversion, not float rounding: a correct
-conversion gives ~1e-12 whatever the stored dtype. A layer whose kernel is larger than 1
-also gets the dense check: a map ``kernel + DENSE_MARGIN`` wide, every output position
-against the FC applied to that window. The weight is read in chunks of output rows, so
-memory stays flat. Copied tensors are compared byte for byte.
+Three proofs per converted layer, strongest first:
+
+1. **Exact.** The conversion only moves values, so the written conv weight, read back in
+   the FC's order (``conv_to_fc_rows``), must hold the source FC weight's bits, value for
+   value: both are compared as unsigned integers of the item size, so NaN payloads and
+   signed zeros count. The same for the bias. Every value, in chunks of rows.
+2. **Window, float64.** On ``WINDOW_SAMPLES`` seeded random feature maps of the kernel's
+   size: the source FC (``layout.flatten(x) @ W.T + b``) against a convolution of the
+   written filters, both in float64, so the figure measures the conversion, not float
+   rounding (~1e-15 whatever the stored dtype). Outputs that are not finite in the source
+   (rows holding NaN or Inf) are not compared, and counted.
+3. **Dense, float64.** A real sliding-window convolution of the written filters over a map
+   ``kernel + DENSE_MARGIN`` wide, each output position against the source FC applied to
+   that window (for kernels larger than 1). The convolution is
+   ``torch.nn.functional.conv1d/2d/3d`` when torch is already loaded, otherwise
+   ``conv_nd``: numpy, shift-and-add over kernel offsets, arithmetic of its own.
+
+The float64 checks cover up to ``FLOAT64_FILTERS`` seeded output filters per layer (all
+of them in smaller layers) plus every filter the exact check found different: the exact
+check already proves every value, and the float64 figures are the readable part. Copied
+tensors are compared byte for byte. Everything works in bounded chunks of rows, so memory
+stays flat whatever the layer's size.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+import sys
+from collections.abc import Callable, Collection
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,47 +37,138 @@ from numpy.lib.stride_tricks import sliding_window_view
 from threadpoolctl import threadpool_limits
 
 from fc2conv_cli.layout import WeightFormat
-from fc2conv_cli.plan import LayerPlan, Plan
-from fc2conv_cli.readers import Checkpoint
+from fc2conv_cli.plan import Conversion, LayerPlan, Plan, PlannedTensor
+from fc2conv_cli.readers import DTYPE_BITS, Checkpoint, numpy_dtype
 
 __all__ = [
+    "CHECK_WORKERS",
     "DENSE_MARGIN",
+    "FLOAT64_FILTERS",
     "WINDOW_SAMPLES",
     "LayerCheck",
+    "Mismatch",
+    "WrittenCheck",
     "check_copies",
     "check_index",
     "check_layer",
+    "check_written",
     "conv_nd",
+    "conv_to_fc_rows",
+    "fc_rows",
     "windows",
 ]
 
 WINDOW_SAMPLES = 2  # random feature maps of exactly the kernel's size
 DENSE_MARGIN = 1  # the dense map is kernel + 1 per axis: 2, 4 or 8 positions
-_CHECK_CHUNK_BYTES = 16 << 20  # float64 bytes of weight rows per chunk
+FLOAT64_FILTERS = 256  # output filters per layer that the float64 checks compute
+# Threads for the checks (numpy and BLAS release the GIL): by the time they run, the
+# input's hash is done, and a 2-core machine has a core for each.
+CHECK_WORKERS = 2
+# Bytes of weight rows per chunk: small enough to stay in cache while a chunk is compared,
+# cast and multiplied, large enough that per-chunk overhead is nothing.
+_CHECK_CHUNK_BYTES = 4 << 20
 _COMPARE_CHUNK_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
+class Mismatch:
+    """The first value of a converted tensor whose bits differ from the source's.
+
+    ``channel`` and ``position`` (the kernel offset) are None for a bias. ``source`` and
+    ``written`` show the value and its bits; ``count`` values of the tensor differ.
+    """
+
+    tensor: str
+    output: int
+    channel: int | None
+    position: tuple[int, ...] | None
+    source: str
+    written: str
+    count: int
+
+    @property
+    def index(self) -> str:
+        if self.channel is None:
+            return f"(output {self.output})"
+        position = ", ".join(map(str, self.position or ()))
+        return f"(output {self.output}, channel {self.channel}, position ({position}))"
+
+    def describe(self) -> str:
+        more = f"; {self.count} values differ" if self.count > 1 else ""
+        return (
+            f"{self.tensor} differs from the source at {self.index}: "
+            f"source {self.source}, written {self.written}{more}"
+        )
+
+
+@dataclass(frozen=True)
 class LayerCheck:
-    """The result of checking one converted layer. Diffs are None when not finite."""
+    """The result of checking one converted layer.
+
+    ``bits_equal``: the exact check (None: not run). ``mismatches``: the first differing
+    value of the weight and of the bias. Diffs are float64 ``max |fc - conv|`` over the
+    outputs that are finite in the source, None when not finite. ``nonfinite_rows``:
+    output rows whose source weights or bias hold NaN or Inf. ``float64_rows``: output
+    filters the float64 checks computed, of ``out_features``.
+    """
 
     layer: str
     max_abs_diff: float | None
     dense_max_abs_diff: float | None
     dense_checked: bool
     ok: bool
+    bits_equal: bool | None = None
+    mismatches: tuple[Mismatch, ...] = ()
+    nonfinite_rows: int = 0
+    float64_rows: int = 0
+    out_features: int = 0
+
+
+def written_filters(weight: np.ndarray, conversion: Conversion, rows: slice | np.ndarray):
+    """Output filters ``rows`` of a written conv weight as ``(n, C, *kernel)``.
+
+    The one place that knows how the written conv weight orders its axes: ``oihw`` is
+    ``(O, C, *kernel)``, a plain slice; ``hwio`` ``(*kernel, C, O)`` is viewed back first.
+    """
+    return weight.transpose(conversion.conv_format.to_oihw(len(conversion.kernel)))[rows]
+
+
+def conv_to_fc_rows(weight: np.ndarray, conversion: Conversion, rows: slice | np.ndarray):
+    """Output filters ``rows`` of a written conv weight, back in the FC's order.
+
+    Returns ``W[o, i]`` for those rows, ``(n, in_features)``, ``i`` the source's flat
+    index (``layout.flatten``). Works on any dtype, bit views included.
+    """
+    return conversion.layout.flatten(written_filters(weight, conversion, rows))
+
+
+def fc_rows(weight: np.ndarray, weight_format: WeightFormat, rows: slice | np.ndarray):
+    """Rows ``rows`` of a stored FC weight as ``W[o, i]``, ``(n, in_features)``.
+
+    An ``in_out`` kernel ``(in_features, out_features)`` is transposed back.
+    """
+    return weight[rows] if weight_format is WeightFormat.OUT_IN else weight[:, rows].T
 
 
 def conv_nd(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """N-d cross-correlation, stride 1, no padding: ``torch.nn.functional.conv1d/2d/3d``.
 
     ``x``: ``(N, C, *spatial)``, ``weight``: ``(O, C, *kernel)``, ``bias``: ``(O,)``;
-    returns ``(N, O, *(spatial - kernel + 1))``.
+    returns ``(N, O, *(spatial - kernel + 1))``. Computed as a sum over kernel offsets of
+    that offset's filter taps times the input shifted by it: not window by window.
     """
     kernel = weight.shape[2:]
     positions = tuple(s - k + 1 for s, k in zip(x.shape[2:], kernel, strict=True))
-    out = _apply_filters(windows(x, kernel), weight, bias)  # (N * positions, O)
-    return np.moveaxis(out.reshape(x.shape[0], *positions, -1), -1, 1)
+    count, channels = x.shape[:2]
+    # Channels last, so each offset's taps are an (O, C) matrix BLAS reads in place.
+    taps = np.moveaxis(weight, 1, -1).copy()
+    out = np.zeros((len(weight), count * math.prod(positions)), np.result_type(x, weight))
+    for offset in np.ndindex(*kernel):
+        window = tuple(slice(o, o + p) for o, p in zip(offset, positions, strict=True))
+        shifted = x[(slice(None), slice(None), *window)]
+        out += taps[(slice(None), *offset)] @ np.moveaxis(shifted, 1, 0).reshape(channels, -1)
+    out = np.moveaxis(out.reshape(len(weight), count, *positions), 0, 1)
+    return out if bias is None else out + bias.reshape(1, -1, *(1,) * len(kernel))
 
 
 def windows(x: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
@@ -74,58 +181,110 @@ def windows(x: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
     return np.moveaxis(view, 1, 1 + ndim).reshape(-1, x.shape[1], *kernel)
 
 
-def _apply_filters(windows: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    """Each window against each filter: ``(M, C, *kernel)``, ``(O, C, *kernel)`` -> ``(M, O)``.
+@dataclass(frozen=True)
+class WrittenCheck:
+    """Every check of a written file: its converted layers, copied tensors and index.
 
-    A linear layer is the same with ``(M, in_features)`` and ``(O, in_features)``.
+    ``index_problems``: tensor name -> problem (missing, extra, misshapen); the layers and
+    copies involved are reported there, not checked.
     """
-    out = windows.reshape(len(windows), -1) @ weight.reshape(len(weight), -1).T
-    return out if bias is None else out + bias
+
+    layers: tuple[LayerCheck, ...]
+    copy_mismatches: tuple[str, ...]
+    index_problems: dict[str, str]
+
+
+def check_written(
+    plan: Plan,
+    source: Checkpoint,
+    written: Checkpoint,
+    atol: float,
+    seed: int,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> WrittenCheck:
+    """Check a written file against its plan and source, in ``workers`` threads
+    (default ``CHECK_WORKERS``). ``progress`` is told the bytes of each layer's outputs
+    as its checks finish, then those of the copied tensors (in the caller's thread)."""
+    index_problems = check_index(plan, written)
+    layers = [
+        layer
+        for layer in plan.layers
+        if not {layer.weight.name, layer.bias.name if layer.bias else ""} & set(index_problems)
+    ]
+    with (
+        _one_blas_thread(),
+        ThreadPoolExecutor(workers or CHECK_WORKERS, thread_name_prefix="fc2conv-check") as pool,
+    ):
+        checks = _check_layers(layers, source, written, atol, seed, pool, progress)
+        copies = pool.submit(check_copies, plan, source, written, index_problems)
+        copied = copies.result()
+        if progress is not None:
+            progress(sum(t.nbytes for t in plan.copied))
+        return WrittenCheck(checks, copied, index_problems)
 
 
 def check_layer(
     layer: LayerPlan, source: Checkpoint, written: Checkpoint, atol: float, seed: int
 ) -> LayerCheck:
-    """Compare the source FC layer with the written conv layer on seeded random inputs."""
-    conversion = layer.weight.conversion
-    kernel, channels = conversion.kernel, layer.in_channels
-    rng = np.random.default_rng(seed)
-    inputs = rng.standard_normal((WINDOW_SAMPLES, channels, *kernel))
-    x_dense = rng.standard_normal((1, channels, *(k + DENSE_MARGIN for k in kernel)))
-    dense_checked = math.prod(kernel) > 1
-    if dense_checked:  # the dense map's windows follow the kernel-sized samples
-        inputs = np.concatenate([inputs, windows(x_dense, kernel)])
-    # What the original network fed its FC: each window flattened in the source layout.
-    fc_inputs = conversion.layout.flatten(inputs)
+    """Check one converted layer: its bits exactly, then the float64 window and dense checks."""
+    with _one_blas_thread(), ThreadPoolExecutor(1) as pool:
+        return _check_layers([layer], source, written, atol, seed, pool)[0]
 
-    fc_weight = source.array(layer.weight.source)
-    if conversion.weight_format is WeightFormat.IN_OUT:
-        fc_weight = fc_weight.T
-    # Back to (out, in, *kernel), whatever conv_format the file stores.
-    conv_weight = written.array(layer.weight.name).transpose(
-        conversion.conv_format.to_oihw(len(kernel))
-    )
-    fc_bias = _bias(source, layer.bias.source if layer.bias else None, layer.out_features)
-    conv_bias = _bias(written, layer.bias.name if layer.bias else None, layer.out_features)
 
-    # Both sides over every output row, in float64. The conv side is conv_nd's own
-    # arithmetic on the windows. The products are skinny and memory-bound: more BLAS
-    # threads gain nothing alone, and on a busy machine their spin-waits made the check
-    # 3-8x slower (measured), so one thread.
-    with threadpool_limits(limits=1, user_api="blas"):
-        fc = _outputs(fc_inputs, fc_weight, fc_bias)
-        conv = _outputs(inputs, conv_weight, conv_bias)
-    window_diff = _max_abs_diff(fc[:WINDOW_SAMPLES], conv[:WINDOW_SAMPLES])
-    dense_diff = _max_abs_diff(fc[WINDOW_SAMPLES:], conv[WINDOW_SAMPLES:])
-    finite = [d for d in (window_diff, dense_diff) if math.isfinite(d)]
-    ok = len(finite) == 2 and max(finite) <= atol
-    return LayerCheck(
-        layer.rule.name,
-        window_diff if math.isfinite(window_diff) else None,
-        (dense_diff if math.isfinite(dense_diff) else None) if dense_checked else None,
-        dense_checked,
-        ok,
-    )
+def _check_layers(
+    layers: list[LayerPlan],
+    source: Checkpoint,
+    written: Checkpoint,
+    atol: float,
+    seed: int,
+    pool: Executor,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[LayerCheck, ...]:
+    """The exact and the float64 checks of every layer, as concurrent tasks of ``pool``.
+
+    The float64 checks start on the seeded sample of filters; a filter the exact check
+    finds different is added afterwards (only a failing layer pays for it).
+    """
+    exact = [pool.submit(_compare_layer, layer, source, written) for layer in layers]
+    samples = [_float64_rows(layer.out_features, seed, []) for layer in layers]
+    sampled = [
+        pool.submit(_float64_diffs, layer, source, written, rows, seed)
+        for layer, rows in zip(layers, samples, strict=True)
+    ]
+    checks = []
+    for layer, compared, sample, diffs in zip(layers, exact, samples, sampled, strict=True):
+        mismatches, nonfinite = compared.result()
+        rows = _float64_rows(layer.out_features, seed, [m.output for m in mismatches])
+        if np.array_equal(rows, sample):
+            window, dense, dense_checked = diffs.result()
+        else:
+            window, dense, dense_checked = _float64_diffs(layer, source, written, rows, seed)
+        within = [d is not None and d <= atol for d in (window, dense if dense_checked else 0.0)]
+        checks.append(
+            LayerCheck(
+                layer.rule.name,
+                window,
+                dense,
+                dense_checked,
+                ok=not mismatches and all(within),
+                bits_equal=not mismatches,
+                mismatches=tuple(mismatches),
+                nonfinite_rows=int(np.count_nonzero(nonfinite)),
+                float64_rows=len(rows),
+                out_features=layer.out_features,
+            )
+        )
+        if progress is not None:
+            progress(sum(t.nbytes for t in (layer.weight, layer.bias) if t is not None))
+    return tuple(checks)
+
+
+def _one_blas_thread():
+    # The products are skinny and memory-bound: more BLAS threads gain nothing alone, and
+    # on a busy machine their spin-waits made the check 3-8x slower (measured), so one.
+    # Set once around all the check threads: threadpoolctl's limits are process-wide.
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def check_copies(
@@ -133,11 +292,12 @@ def check_copies(
 ) -> tuple[str, ...]:
     """Names of byte-copied output tensors whose bytes differ from the source's.
 
-    Tensors named in ``skip`` (missing or misshapen, see ``check_index``) are not read.
+    A converted layer's bias is compared by ``check_layer``. Tensors named in ``skip``
+    (missing or misshapen, see ``check_index``) are not read.
     """
     differ = []
     for planned in plan.tensors:
-        if planned.conversion is not None or planned.name in skip:
+        if planned.conversion is not None or planned.layer is not None or planned.name in skip:
             continue
         a, b = source.raw(planned.source), written.raw(planned.name)
         if len(a) != len(b) or not all(
@@ -168,33 +328,182 @@ def check_index(plan: Plan, written: Checkpoint) -> dict[str, str]:
     return problems
 
 
-def _outputs(inputs: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """Every input ``(M, *shape)`` against every row of ``weight`` ``(O, *shape)``: ``(M, O)``.
+# -- exact ------------------------------------------------------------------------------
 
-    The weight is cast to float64 a chunk of rows at a time into one reused buffer: fresh
-    buffers per chunk would be kept by glibc after freeing, and memory would grow with
-    the layer's width.
+
+def _bits(checkpoint: Checkpoint, name: str) -> np.ndarray:
+    """A tensor's values as unsigned integers of its item size: NaN payloads, signed
+    zeros and dtypes numpy cannot compute in all compare by their bits."""
+    info = checkpoint.tensors[name]
+    unsigned = np.dtype(f"u{DTYPE_BITS[info.dtype] // 8}")
+    return np.frombuffer(checkpoint.raw(name), unsigned).reshape(info.shape)
+
+
+def _compare_layer(
+    layer: LayerPlan, source: Checkpoint, written: Checkpoint
+) -> tuple[list[Mismatch], np.ndarray]:
+    """The exact check of a layer's weight and bias: the first mismatch of each, and
+    which output rows hold NaN or Inf in the source."""
+    mismatches, nonfinite = _compare_weight(layer, source, written)
+    if layer.bias is not None:
+        bias_mismatch, bias_nonfinite = _compare_bias(layer.bias, source, written)
+        mismatches += bias_mismatch
+        nonfinite |= bias_nonfinite
+    return mismatches, nonfinite
+
+
+def _compare_weight(
+    layer: LayerPlan, source: Checkpoint, written: Checkpoint
+) -> tuple[list[Mismatch], np.ndarray]:
+    """The written weight against the source's, every value, a chunk of rows at a time.
+
+    Returns the first mismatch (if any) and which output rows hold NaN or Inf.
     """
-    out_features = len(weight)
-    row_size = math.prod(weight.shape[1:])
-    step = min(out_features, max(1, _CHECK_CHUNK_BYTES // (8 * row_size)))
-    buffer = np.empty((step, *weight.shape[1:]))
-    out = np.empty((len(inputs), out_features))
-    for start in range(0, out_features, step):
-        rows = weight[start : start + step]
-        chunk = buffer[: len(rows)]
-        np.copyto(chunk, rows)
-        out[:, start : start + len(rows)] = _apply_filters(inputs, chunk, None)
-    return out + bias
+    conversion, name = layer.weight.conversion, layer.weight.source
+    fmt, dtype = conversion.weight_format, source.tensors[name].dtype
+    expected_bits, written_bits = _bits(source, name), _bits(written, layer.weight.name)
+    values = source.array(name)
+    nonfinite = np.zeros(layer.out_features, bool)
+    step = _rows_per_chunk(layer.in_features * DTYPE_BITS[dtype] // 8)
+    first, count = None, 0
+    for start in range(0, layer.out_features, step):
+        rows = slice(start, start + step)
+        expected = fc_rows(expected_bits, fmt, rows)
+        got = conv_to_fc_rows(written_bits, conversion, rows)
+        differ = expected != got
+        if differ.any():
+            count += int(np.count_nonzero(differ))
+            if first is None:
+                row, flat = np.unravel_index(int(np.argmax(differ)), differ.shape)
+                first = (start + int(row), int(flat), int(expected[row, flat]), int(got[row, flat]))
+        nonfinite[rows] = ~np.isfinite(fc_rows(values, fmt, rows)).all(axis=1)
+    if first is None:
+        return [], nonfinite
+    output, flat, want, have = first
+    layout = conversion.layout
+    in_layout_order = np.unravel_index(flat, layout.sizes(layer.in_channels, conversion.kernel))
+    channel, *position = (int(in_layout_order[a]) for a in layout.to_canonical())
+    mismatch = Mismatch(
+        layer.weight.name,
+        output,
+        channel,
+        tuple(position),
+        _value_text(want, dtype),
+        _value_text(have, dtype),
+        count,
+    )
+    return [mismatch], nonfinite
+
+
+def _compare_bias(
+    planned: PlannedTensor, source: Checkpoint, written: Checkpoint
+) -> tuple[list[Mismatch], np.ndarray]:
+    """The written bias against the source's; the first mismatch, and which are NaN or Inf."""
+    expected, got = _bits(source, planned.source), _bits(written, planned.name)
+    nonfinite = ~np.isfinite(source.array(planned.source))
+    differ = np.flatnonzero(expected != got)
+    if not len(differ):
+        return [], nonfinite
+    output, dtype = int(differ[0]), source.tensors[planned.source].dtype
+    mismatch = Mismatch(
+        planned.name,
+        output,
+        None,
+        None,
+        _value_text(int(expected[output]), dtype),
+        _value_text(int(got[output]), dtype),
+        len(differ),
+    )
+    return [mismatch], nonfinite
+
+
+def _value_text(bits: int, dtype: str) -> str:
+    """A value as its number and its bits, e.g. ``0.5 (0x3f000000)``."""
+    size = DTYPE_BITS[dtype] // 8
+    text = f"0x{bits:0{2 * size}x}"
+    try:
+        numpy_type = numpy_dtype(dtype)
+    except KeyError:  # a dtype numpy cannot compute in: its bits say it all
+        return text
+    value = np.array([bits], f"u{size}").view(numpy_type)[0]
+    return f"{float(value)!r} ({text})"
+
+
+# -- float64 ----------------------------------------------------------------------------
+
+
+def _float64_rows(out_features: int, seed: int, differing: list[int]) -> np.ndarray:
+    """The output filters the float64 checks compute: all, or a seeded sample of
+    ``FLOAT64_FILTERS`` plus those the exact check found different, sorted."""
+    if out_features <= FLOAT64_FILTERS:
+        return np.arange(out_features)
+    picked = np.random.default_rng([seed, 1]).choice(out_features, FLOAT64_FILTERS, replace=False)
+    return np.unique(np.concatenate([picked, np.asarray(differing, np.int64)]))
+
+
+def _float64_diffs(
+    layer: LayerPlan, source: Checkpoint, written: Checkpoint, rows: np.ndarray, seed: int
+) -> tuple[float | None, float | None, bool]:
+    """Window and dense ``max |fc - conv|`` in float64 over output filters ``rows``.
+
+    Returns (window diff, dense diff or None, whether the dense check ran).
+    """
+    conversion = layer.weight.conversion
+    kernel, fmt = conversion.kernel, conversion.weight_format
+    rng = np.random.default_rng(seed)
+    samples = rng.standard_normal((WINDOW_SAMPLES, layer.in_channels, *kernel))
+    dense_map = rng.standard_normal((1, layer.in_channels, *(k + DENSE_MARGIN for k in kernel)))
+    dense_checked = math.prod(kernel) > 1
+    # What the original network fed its FC: each map, and each window of the dense map,
+    # flattened in the source layout.
+    maps = np.concatenate([samples, windows(dense_map, kernel)]) if dense_checked else samples
+    fc_inputs = conversion.layout.flatten(maps)
+    fc_weight = source.array(layer.weight.source)
+    conv_weight = written.array(layer.weight.name)
+    fc = np.empty((len(fc_inputs), len(rows)))
+    conv = np.empty_like(fc)
+    step = _rows_per_chunk(layer.in_features * 8)
+    # NaN and Inf weights are expected here (their outputs are left out below).
+    with np.errstate(invalid="ignore", over="ignore"):
+        for start in range(0, len(rows), step):
+            picked, columns = rows[start : start + step], slice(start, start + step)
+            fc[:, columns] = fc_inputs @ fc_rows(fc_weight, fmt, picked).astype(np.float64).T
+            filters = written_filters(conv_weight, conversion, picked).astype(np.float64)
+            conv[:WINDOW_SAMPLES, columns] = _convolve(samples, filters).reshape(WINDOW_SAMPLES, -1)
+            if dense_checked:  # (1, n, *positions) -> (positions, n), as the windows
+                conv[WINDOW_SAMPLES:, columns] = (
+                    _convolve(dense_map, filters).reshape(len(picked), -1).T
+                )
+        fc += _bias(source, layer.bias.source if layer.bias else None, layer.out_features)[rows]
+        conv += _bias(written, layer.bias.name if layer.bias else None, layer.out_features)[rows]
+    window = _max_abs_diff(fc[:WINDOW_SAMPLES], conv[:WINDOW_SAMPLES])
+    dense = _max_abs_diff(fc[WINDOW_SAMPLES:], conv[WINDOW_SAMPLES:]) if dense_checked else None
+    return window, dense, dense_checked
+
+
+def _convolve(x: np.ndarray, filters: np.ndarray) -> np.ndarray:
+    """A convolution library's sliding-window convolution: torch's when torch is already
+    loaded (never imported just for this), else ``conv_nd``."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return conv_nd(x, filters)
+    conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)
+    return conv[x.ndim - 3](torch.from_numpy(x), torch.from_numpy(filters)).numpy()
+
+
+def _rows_per_chunk(row_bytes: int) -> int:
+    return max(1, _CHECK_CHUNK_BYTES // max(1, row_bytes))
 
 
 def _bias(checkpoint: Checkpoint, name: str | None, size: int) -> np.ndarray:
     return np.zeros(size) if name is None else checkpoint.array(name).astype(np.float64)
 
 
-def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
-    """Largest |a - b|, where equal values (infinities, NaN against NaN) count as 0."""
-    with np.errstate(invalid="ignore"):
-        diff = np.abs(a - b)
-    diff[(a == b) | (np.isnan(a) & np.isnan(b))] = 0.0
-    return float(diff.max()) if diff.size else 0.0
+def _max_abs_diff(fc: np.ndarray, conv: np.ndarray) -> float | None:
+    """Largest ``|fc - conv|`` over the outputs finite in the source (``fc``); None when
+    that is not finite (the conv gave NaN or Inf where the source did not)."""
+    finite = np.isfinite(fc)
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.abs(fc[finite] - conv[finite])
+    largest = float(diff.max()) if diff.size else 0.0
+    return largest if math.isfinite(largest) else None

@@ -392,9 +392,11 @@ def _timed(started: float) -> None:
 
 _VERIFY_HELP = """Check a CONVERTED file against its ORIGINAL checkpoint and MAP; write nothing.
 
-Every rule's tensors must be present with the right shapes and pass the float64
-equivalence and dense checks; every other tensor must be byte-equal to the original's;
-nothing may be missing or extra. Prints the same table (and --json) as convert.
+Every rule's tensors must be present with the right shapes, hold the original's values
+bit for bit, and pass the float64 window and dense checks; every other tensor must be
+byte-equal to the original's; nothing may be missing or extra. The source_sha256 and
+layer_map_sha256 recorded in CONVERTED are compared with ORIGINAL's and MAP's: a
+difference is a warning, not a failure. Prints the same table (and --json) as convert.
 
 \b
 Example:
@@ -679,6 +681,167 @@ def schema(kind: str) -> int:
     from fc2conv_cli.schema import schema_text
 
     write_stdout(schema_text(kind))
+
+
+_EXPORT_ATOL_DEFAULT = 1e-4  # keep in step with export.DEFAULT_EXPORT_ATOL (a test pins it)
+
+_EXPORT_HELP = """Export MODEL with CHECKPOINT as a dense, fully convolutional .pt2 or .onnx.
+
+--model MODULE:FACTORY (or path/models.py:Net) names your model's factory. This RUNS YOUR
+CODE, on purpose: the factory is imported and called (with the --model-arg KEY=VALUE
+pairs), and the model is traced with torch.fx. CHECKPOINT itself is still read as data
+only (as convert reads it) and loaded strictly. The flatten feeding the map's first FC
+is found in the graph, its layout must be the map's; flatten + Linear becomes a k x k
+conv and each later Linear a 1x1 conv, with fc2conv's own converted weights. An adaptive
+pool before the flatten is removed when it is the identity at --input-shape, else refused.
+
+\b
+Proofs, on the rewritten graph and on the exported file reloaded (torch.export.load or
+onnxruntime): at --input-shape it equals the original model; at --dense-shape the score
+map has the size the geometry predicts, and every position equals the original model's
+own head applied to that window of its backbone's feature map (and, for a backbone
+without padding, the original model run on the crop). The file is published only when
+every check passes; stride, receptive field and offset are stored in it.
+
+\b
+Example:
+  fc2conv export --model torchvision.models:vgg16 vgg16.pth \\
+      --map sample_configs/vgg16.yaml -o vgg16_dense.pt2
+
+\b
+Exit codes: 0 written, every check passed; 1 a check failed (nothing written);
+2 bad input: untraceable model, map not matching the graph, checkpoint not loading.
+"""
+
+
+@cli.command(name="export", help=_EXPORT_HELP)
+@_output_options
+@click.argument("checkpoint", type=_PATH)
+@click.option(
+    "--model",
+    "model_spec",
+    required=True,
+    metavar="MODULE:FACTORY",
+    help="Your model's factory, e.g. mypkg.nets:LeNet5 or models.py:Net (runs your code).",
+)
+@click.option("--map", "map_path", required=True, type=_PATH, help="The YAML layer map.")
+@click.option("-o", "--output", required=True, type=_PATH, help="Output .pt2 or .onnx file.")
+@click.option(
+    "--input-shape",
+    default="3x224x224",
+    show_default=True,
+    help="The model's native input, CxHxW (CxL for 1-D).",
+)
+@click.option(
+    "--dense-shape",
+    help="The larger input of the dense proof [default: --input-shape plus 3 strides per axis].",
+)
+@_json_option
+@click.option(
+    "--atol",
+    type=_Tolerance(),
+    default=_EXPORT_ATOL_DEFAULT,
+    show_default=True,
+    help="Largest |diff| a check accepts, times max(1, max |reference|) (float32 math).",
+)
+@click.option(
+    "--model-arg",
+    "model_args",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Keyword argument for the factory (repeatable); VALUE is read as YAML (10, true, x).",
+)
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@_seed_option
+def export_command(
+    checkpoint: Path,
+    model_spec: str,
+    map_path: Path,
+    output: Path,
+    input_shape: str,
+    dense_shape: str | None,
+    json_path: str | None,
+    atol: float,
+    model_args: tuple[str, ...],
+    force: bool,
+    seed: int,
+) -> int:
+    from fc2conv_cli import report, report_export
+    from fc2conv_cli.export import ExportOptions, export_model, parse_model_args, parse_shape
+
+    report.check_json_path(json_path, checkpoint, map_path, output)
+    console = _console(stderr=json_path == "-")
+    try:
+        options = ExportOptions(
+            model_spec,
+            checkpoint,
+            map_path,
+            output,
+            parse_shape(input_shape, "--input-shape"),
+            parse_shape(dense_shape, "--dense-shape") if dense_shape else None,
+            atol,
+            parse_model_args(model_args),
+            seed,
+            force,
+        )
+        result = export_model(options)
+    except Fc2convError as error:
+        failed = getattr(error, "result", None)
+        if failed is not None:
+            report_export.render_export(console, failed)
+        if json_path:
+            report.write_json(json_path, report_export.export_error_json(error))
+        raise
+    report_export.render_export(console, result)
+    if json_path:
+        report.write_json(json_path, report_export.export_json(result))
+    return result.exit_code
+
+
+_HEATMAP_HELP = """Run a dense MODEL (.pt2 or .onnx from export) on IMAGE; draw the score map.
+
+The PNG is IMAGE with the class-score map overlaid, each score at the centre of its
+receptive field (the stride and offset export stored in the file), and a legend below.
+The image's pixels are scaled to [0, 1], without any other normalization.
+
+\b
+Example:
+  fc2conv heatmap vgg16_dense.pt2 street.png -o heat.png --top 1
+"""
+
+
+@cli.command(help=_HEATMAP_HELP)
+@_output_options
+@click.argument("model_path", metavar="MODEL", type=_PATH)
+@click.argument("image", type=_PATH)
+@click.option("-o", "--output", required=True, type=_PATH, help="Output .png file.")
+@click.option("--class", "class_index", type=click.IntRange(min=0), help="Draw this class.")
+@click.option(
+    "--top",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Without --class: draw the max over the TOP classes with the highest peak scores.",
+)
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@_json_option
+def heatmap(
+    model_path: Path,
+    image: Path,
+    output: Path,
+    class_index: int | None,
+    top: int,
+    force: bool,
+    json_path: str | None,
+) -> int:
+    from fc2conv_cli import report, report_export
+    from fc2conv_cli.export.heatmap import make_heatmap
+
+    report.check_json_path(json_path, model_path, image, output)
+    result = make_heatmap(model_path, image, output, class_index, top, force)
+    report_export.render_heatmap(_console(stderr=json_path == "-"), result)
+    if json_path:
+        report.write_json(json_path, report_export.heatmap_json(result))
     return 0
 
 

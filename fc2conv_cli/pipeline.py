@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from fc2conv_cli import __version__
-from fc2conv_cli.errors import EXIT_CHECK_FAILED, EXIT_OK, CheckFailed, OutputError
+from fc2conv_cli.digest import FileDigest, sha256_in_background
+from fc2conv_cli.errors import EXIT_CHECK_FAILED, EXIT_OK, CheckFailed, CheckpointError, OutputError
 from fc2conv_cli.layer_map import LayerMap, read_layer_map
 from fc2conv_cli.plan import Plan, build_plan
-from fc2conv_cli.readers import open_checkpoint, open_safetensors, sha256_in_background
+from fc2conv_cli.readers import open_checkpoint, open_safetensors, read_safetensors_metadata
 from fc2conv_cli.schema import language_server_line, schema_text
 from fc2conv_cli.suggest import CheckpointSummary, SuggestedMap, suggest_map, summarize
 from fc2conv_cli.write import check_output_path, write_safetensors, write_text
@@ -29,6 +30,7 @@ __all__ = [
     "ConvertOptions",
     "ConvertResult",
     "InspectResult",
+    "Provenance",
     "Steps",
     "convert",
     "convert_in_memory",
@@ -76,6 +78,32 @@ class ConvertOptions:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """A digest recorded in a converted file's metadata, and that of the file given now."""
+
+    key: str  # "source_sha256" or "layer_map_sha256"
+    path: Path  # the file given now: ORIGINAL or MAP
+    recorded: str | None  # None when the converted file records none
+    actual: str
+
+    @property
+    def matches(self) -> bool:
+        return self.recorded == self.actual
+
+    def warning(self, converted: Path) -> str | None:
+        """The line to show when the digests differ; None when they match."""
+        if self.matches:
+            return None
+        if self.recorded is None:
+            return f"{converted} records no {self.key} (not written by fc2conv?)"
+        what = "another source file" if self.key == "source_sha256" else "another layer map"
+        return (
+            f"{self.key} recorded in {converted} is {self.recorded[:12]}..., but {self.path} "
+            f"has {self.actual[:12]}...: it was converted from {what} (the tensors decide)"
+        )
+
+
+@dataclass(frozen=True)
 class ConvertResult:
     """Everything the report shows about one conversion."""
 
@@ -90,6 +118,13 @@ class ConvertResult:
     seconds: float = 0.0
     published: bool = False
     verified: bool = False  # from `verify`: the output existed already, nothing was written
+    provenance: tuple[Provenance, ...] = ()  # from `verify`: recorded digests against the given
+
+    @property
+    def provenance_warnings(self) -> tuple[str, ...]:
+        """One line per recorded digest that differs from the given file's (not a failure)."""
+        lines = (p.warning(self.options.output) for p in self.provenance)
+        return tuple(line for line in lines if line is not None)
 
     @property
     def checked(self) -> bool:
@@ -120,6 +155,20 @@ def convert(options: ConvertOptions, steps: Steps | None = None) -> ConvertResul
     check_output_path(options.input, options.output, options.force or options.dry_run)
     # Hashing runs in a thread from here on, overlapping the torch import and the copy.
     digest = None if options.dry_run else sha256_in_background(options.input)
+    try:
+        return _convert(options, layer_map, digest, started, steps)
+    finally:
+        if digest is not None:
+            digest.cancel()  # a failed conversion must not keep reading its input
+
+
+def _convert(
+    options: ConvertOptions,
+    layer_map: LayerMap,
+    digest: FileDigest | None,
+    started: float,
+    steps: Steps,
+) -> ConvertResult:
     steps.step("open")
     with open_checkpoint(
         options.input, layer_map.strip_prefixes, layer_map.state_dict_key, options.format
@@ -127,8 +176,9 @@ def convert(options: ConvertOptions, steps: Steps | None = None) -> ConvertResul
         steps.step("plan")
         plan = build_plan(source.tensors, layer_map, source.weight_format)
         result = ConvertResult(options, source.kind, plan, source.notes)
-        if options.dry_run:
+        if digest is None:  # dry run
             return _finish(result, started)
+        _check_same_file(digest, options.input)
         metadata = {
             "format": "pt",
             "fc2conv_version": __version__,
@@ -151,6 +201,17 @@ def convert(options: ConvertOptions, steps: Steps | None = None) -> ConvertResul
         finally:
             staged.discard()
     return _finish(result, started, published=True)
+
+
+def _check_same_file(digest: FileDigest, path: Path) -> None:
+    """The reader opened ``path`` by name after the hash did: it must be the same file."""
+    if not digest.same_file(path):
+        if not digest.started:
+            digest.result()  # raises why the file could not be opened for hashing
+        raise CheckpointError(
+            f"{path}: was replaced by another file while it was being opened; nothing "
+            "written, run again"
+        )
 
 
 @dataclass(frozen=True)
@@ -194,33 +255,42 @@ def inspect(
 def verify(options: ConvertOptions, steps: Steps | None = None) -> ConvertResult:
     """Check an existing converted file (``options.output``) against its source and map.
 
-    Writes nothing. Every rule's tensors must be present with the planned shapes and pass
-    the equivalence and dense checks; every other tensor must be byte-equal to the
-    source's; nothing may be missing or extra. Raises ``InputError`` (2) or
-    ``CheckFailed`` (1).
+    Writes nothing. Every rule's tensors must be present with the planned shapes, hold
+    the source's bits exactly and pass the float64 window and dense checks; every other
+    tensor must be byte-equal to the source's; nothing may be missing or extra. The
+    ``source_sha256`` and ``layer_map_sha256`` the file records are compared with the
+    ORIGINAL's and MAP's: a difference is a warning (``provenance``), not a failure.
+    Raises ``InputError`` (2) or ``CheckFailed`` (1).
     """
     started = time.perf_counter()
     steps = steps or _NoSteps()
     steps.step("read map")
     layer_map = _layer_map(options)
-    steps.step("open")
-    with (
-        open_checkpoint(
-            options.input, layer_map.strip_prefixes, layer_map.state_dict_key, options.format
-        ) as source,
-        open_checkpoint(options.output, format="safetensors") as converted,
-    ):
-        steps.step("plan")
-        plan = build_plan(source.tensors, layer_map, source.weight_format)
-        result = ConvertResult(
-            options,
-            source.kind,
-            plan,
-            source.notes,
-            output_bytes=options.output.stat().st_size,
-            verified=True,
-        )
-        result = _finish(_checked(result, source, converted, steps), started)
+    digest = sha256_in_background(options.input)  # overlaps the checks
+    try:
+        steps.step("open")
+        with (
+            open_checkpoint(
+                options.input, layer_map.strip_prefixes, layer_map.state_dict_key, options.format
+            ) as source,
+            open_checkpoint(options.output, format="safetensors") as converted,
+        ):
+            _check_same_file(digest, options.input)
+            steps.step("plan")
+            plan = build_plan(source.tensors, layer_map, source.weight_format)
+            result = ConvertResult(
+                options,
+                source.kind,
+                plan,
+                source.notes,
+                output_bytes=options.output.stat().st_size,
+                verified=True,
+            )
+            result = _checked(result, source, converted, steps)
+        result = replace(result, provenance=_provenance(options, layer_map, digest))
+    finally:
+        digest.cancel()
+    result = _finish(result, started)
     if not result.ok:
         raise CheckFailed(_failure_message(result), result)
     return result
@@ -251,43 +321,70 @@ def _layer_map(options: ConvertOptions) -> LayerMap:
     return options.layer_map if options.layer_map is not None else read_layer_map(options.map_path)
 
 
+def _provenance(
+    options: ConvertOptions, layer_map: LayerMap, digest: FileDigest
+) -> tuple[Provenance, ...]:
+    """The digests the converted file records, against the ORIGINAL's and the MAP's."""
+    metadata = read_safetensors_metadata(options.output)  # verify read it as safetensors
+    return (
+        Provenance("source_sha256", options.input, metadata.get("source_sha256"), digest.result()),
+        Provenance(
+            "layer_map_sha256",
+            options.map_path,
+            metadata.get("layer_map_sha256"),
+            layer_map.sha256,
+        ),
+    )
+
+
 def _checked(
     result: ConvertResult, source: Checkpoint, written: Checkpoint, steps: Steps | None = None
 ) -> ConvertResult:
     # Imported here, with numpy: a --no-check copy needs neither.
-    from fc2conv_cli.check import check_copies, check_index, check_layer
+    from fc2conv_cli.check import check_written
 
     options, plan = result.options, result.plan
     steps = steps or _NoSteps()
     steps.step("check", sum(t.nbytes for t in plan.tensors))
     # Tensors that are missing or misshapen are reported as such; the rest are checked.
-    index_problems = check_index(plan, written)
-    checks = []
-    for layer in plan.layers:
-        outputs = (layer.weight, *((layer.bias,) if layer.bias else ()))
-        if not {t.name for t in outputs} & set(index_problems):
-            checks.append(check_layer(layer, source, written, options.atol, options.seed))
-        steps.advance(sum(t.nbytes for t in outputs))
-    copy_mismatches = check_copies(plan, source, written, skip=index_problems)
-    steps.advance(sum(t.nbytes for t in plan.copied))
+    checked = check_written(
+        plan, source, written, options.atol, options.seed, progress=steps.advance
+    )
     return replace(
         result,
-        checks=tuple(checks),
-        copy_mismatches=copy_mismatches,
-        index_problems=tuple(f"{name}: {problem}" for name, problem in index_problems.items()),
+        checks=checked.layers,
+        copy_mismatches=checked.copy_mismatches,
+        index_problems=tuple(f"{name}: {why}" for name, why in checked.index_problems.items()),
     )
 
 
 def _failure_message(result: ConvertResult) -> str:
-    failed = [c.layer for c in result.checks if not c.ok]
+    """One line: each failed layer with its first differing value, then copies and index."""
     parts = []
-    if failed:
-        parts.append(f"layers {', '.join(failed)} differ by more than --atol {result.options.atol}")
+    for check in result.checks:
+        if check.ok:
+            continue
+        if check.mismatches:
+            parts += [f"layer {check.layer}: {m.describe()}" for m in check.mismatches]
+        else:
+            parts.append(f"layer {check.layer}: {_float64_failure(check, result.options.atol)}")
     if result.copy_mismatches:
         parts.append(f"copied tensors differ from the source: {', '.join(result.copy_mismatches)}")
     parts += result.index_problems
     outcome = "differs from its source" if result.verified else "check failed, nothing written"
     return f"{outcome}: {'; '.join(parts)}"
+
+
+def _float64_failure(check: LayerCheck, atol: float) -> str:
+    """Why a layer whose bits are equal failed its float64 checks."""
+    for name, diff in (("window", check.max_abs_diff), ("dense", check.dense_max_abs_diff)):
+        if name == "dense" and not check.dense_checked:
+            continue
+        if diff is None:
+            return f"float64 {name} outputs are NaN or Inf where the source's are finite"
+        if diff > atol:
+            return f"float64 {name} max |diff| {diff:.3g} is over --atol {atol:g}"
+    return "check failed"
 
 
 def _finish(result: ConvertResult, started: float, published: bool = False) -> ConvertResult:

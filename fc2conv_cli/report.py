@@ -25,6 +25,7 @@ from fc2conv_cli.errors import Fc2convError, OutputError
 
 if TYPE_CHECKING:
     from fc2conv_cli.batch import BatchResult, FileOutcome
+    from fc2conv_cli.check import Mismatch
     from fc2conv_cli.pipeline import ConvertResult, InspectResult
     from fc2conv_cli.plan import Conversion
 
@@ -41,6 +42,8 @@ __all__ = [
     "inspect_json",
     "is_plain",
     "make_console",
+    "new_table",
+    "print_table",
     "render_batch",
     "render_conversion",
     "render_error",
@@ -88,14 +91,14 @@ def is_plain(console: Console) -> bool:
     return asked and not console.is_terminal
 
 
-def _table(console: Console, **options: Any) -> Table:
+def new_table(console: Console, **options: Any) -> Table:
     """A table in the console's style: boxed, or plain text (``is_plain``)."""
     if is_plain(console):
         options.update(box=None, show_edge=False, pad_edge=False)
     return Table(**options)
 
 
-def _print_table(console: Console, table: Table) -> None:
+def print_table(console: Console, table: Table) -> None:
     """The table if it fits the console's width with every cell whole (no-wrap columns at
     full width, others at their longest word); else one block per row, its first cell
     on a line and each other column as ``header: value`` below, so that nothing is ever
@@ -120,12 +123,13 @@ def _print_table(console: Console, table: Table) -> None:
 def render_conversion(console: Console, result: ConvertResult) -> None:
     """The table of converted layers with their checks, and a one-line footer."""
     console.print(_title(result))
-    table = _table(console)
+    table = new_table(console)
     table.add_column("layer (source -> output)", overflow="fold")
     table.add_column("old shape", no_wrap=True)
     table.add_column("new shape", no_wrap=True)
     table.add_column("kernel", no_wrap=True)
     table.add_column("layout")
+    table.add_column("bits", no_wrap=True)
     table.add_column("max |diff| window", justify="right")
     table.add_column("max |diff| dense", justify="right")
     table.add_column("result")
@@ -133,9 +137,10 @@ def render_conversion(console: Console, result: ConvertResult) -> None:
     for layer in result.plan.layers:
         check = checks.get(layer.rule.name)
         if check is None:
-            window = dense = "-"
+            bits = window = dense = "-"
             status = Text("planned" if result.options.dry_run else "not checked", style="yellow")
         else:
+            bits = _bits(check.bits_equal)
             window = _diff(check.max_abs_diff)
             dense = _diff(check.dense_max_abs_diff) if check.dense_checked else "n/a (1x1)"
             status = Text("ok", style="green") if check.ok else Text("FAILED", style="bold red")
@@ -145,17 +150,35 @@ def render_conversion(console: Console, result: ConvertResult) -> None:
             _shape(layer.weight.shape),
             "x".join(map(str, layer.weight.conversion.kernel)),
             Text(_layout_cell(layer.weight.conversion)),
+            bits,
             window,
             dense,
             status,
         )
-    _print_table(console, table)
-    console.print(Text(_footer(result)))
+    print_table(console, table)
+    for line in _check_lines(result):
+        console.print(Text(line), soft_wrap=True)
+    for warning in result.provenance_warnings:
+        console.print(Text(f"warning: {_one_line(warning)}", style="yellow"), soft_wrap=True)
+    console.print(Text(_footer(result)), soft_wrap=True)
+
+
+def _check_lines(result: ConvertResult) -> list[str]:
+    """Under the table: what differs in each failed layer, and rows with NaN or Inf."""
+    lines = []
+    for check in result.checks:
+        lines += [f"{check.layer}: {m.describe()}" for m in check.mismatches]
+        if check.nonfinite_rows:
+            lines.append(
+                f"{check.layer}: {check.nonfinite_rows} of {check.out_features} output rows hold "
+                "NaN or Inf in the source; their float64 outputs are not compared (their bits are)"
+            )
+    return [_one_line(line) for line in lines]
 
 
 def render_plan(console: Console, result: ConvertResult) -> None:
     """Every output tensor, in file order, and what produces it (for ``--dry-run``)."""
-    table = _table(console, title="plan: output tensors in file order", title_justify="left")
+    table = new_table(console, title="plan: output tensors in file order", title_justify="left")
     table.add_column("output tensor", overflow="fold")
     table.add_column("dtype", no_wrap=True)
     table.add_column("shape", no_wrap=True)
@@ -172,7 +195,7 @@ def render_plan(console: Console, result: ConvertResult) -> None:
         else:
             action = f"reshape {planned.source} (bytes unchanged)"
         table.add_row(Text(planned.name), planned.dtype, _shape(planned.shape), Text(action))
-    _print_table(console, table)
+    print_table(console, table)
 
 
 def render_notes(console: Console, result: ConvertResult, notes: bool = True) -> None:
@@ -210,8 +233,12 @@ def conversion_json(result: ConvertResult) -> dict[str, Any]:
                 "weight_format": layer.weight.conversion.weight_format.value,
                 "conv_format": layer.weight.conversion.conv_format.value,
                 "bytes_unchanged": not layer.weight.conversion.moves_bytes,
+                "bits_equal": check.bits_equal if check else None,
+                "mismatches": [_mismatch_json(m) for m in check.mismatches] if check else [],
                 "max_abs_diff": check.max_abs_diff if check else None,
                 "dense_max_abs_diff": check.dense_max_abs_diff if check else None,
+                "nonfinite_rows": check.nonfinite_rows if check else None,
+                "float64_rows": check.float64_rows if check else None,
                 "ok": check.ok if check else None,
             }
         )
@@ -233,9 +260,30 @@ def conversion_json(result: ConvertResult) -> dict[str, Any]:
         "copy_mismatches": list(result.copy_mismatches),
         "index_problems": list(result.index_problems),
         "notes": list(result.notes),
-        "warnings": list(result.plan.warnings),
+        "warnings": [*result.plan.warnings, *result.provenance_warnings],
+        "provenance": {
+            p.key: {
+                "recorded": p.recorded,
+                "actual": p.actual,
+                "path": str(p.path),
+                "matches": p.matches,
+            }
+            for p in result.provenance
+        },
         "output_bytes": result.output_bytes,
         "seconds": round(result.seconds, 3),
+    }
+
+
+def _mismatch_json(mismatch: Mismatch) -> dict[str, Any]:
+    return {
+        "tensor": mismatch.tensor,
+        "output": mismatch.output,
+        "channel": mismatch.channel,
+        "position": None if mismatch.position is None else list(mismatch.position),
+        "source": mismatch.source,
+        "written": mismatch.written,
+        "count": mismatch.count,
     }
 
 
@@ -417,7 +465,7 @@ class StepProgress:
 
 def render_batch(console: Console, result: BatchResult) -> None:
     """The summary table of a batch: one row per file, then the counts."""
-    table = _table(console)
+    table = new_table(console)
     for name in ("input", "output"):
         table.add_column(name, overflow="fold")
     table.add_column("status", no_wrap=True)
@@ -436,7 +484,7 @@ def render_batch(console: Console, result: BatchResult) -> None:
             f"{outcome.seconds:.1f}",
             Text(outcome.error or ""),
         )
-    _print_table(console, table)
+    print_table(console, table)
     counts = ", ".join(f"{n} {status}" for status, n in _counts(result).items())
     console.print(Text(f"{len(result.outcomes)} files: {counts} | {result.seconds:.1f} s"))
 
@@ -468,7 +516,7 @@ def render_inspect(console: Console, result: InspectResult) -> None:
     """The checkpoint's tensor groups, totals, and the suggested map's evidence."""
     summary = result.summary
     console.print(Text(f"fc2conv inspect: {summary.path} ({summary.kind})"))
-    table = _table(console)
+    table = new_table(console)
     table.add_column("group", overflow="fold")
     table.add_column("kind", no_wrap=True)
     table.add_column("tensors (shape, dtype)", min_width=24)
@@ -479,7 +527,7 @@ def render_inspect(console: Console, result: InspectResult) -> None:
             for t in group.tensors
         )
         table.add_row(Text(group.prefix), group.kind, Text(tensors), _size(group.nbytes))
-    _print_table(console, table)
+    print_table(console, table)
     kinds = [g.kind for g in summary.groups]
     console.print(
         Text(
@@ -621,6 +669,8 @@ def _footer(result: ConvertResult) -> str:
         parts.append(f"{copied} copied tensors {same} to the source")
         if result.index_problems:
             parts.append("; ".join(result.index_problems))
+        elif result.ok:
+            parts.append(_all_ok(result))
     else:
         same = "byte-identical" if result.checked and not result.copy_mismatches else "unchecked"
         parts.append(f"{copied} tensors copied ({same})")
@@ -628,7 +678,7 @@ def _footer(result: ConvertResult) -> str:
         if not result.checked:
             parts.append("checks skipped (--no-check)")
         elif result.ok:
-            parts.append(f"all checks within atol {result.options.atol:g}")
+            parts.append(_all_ok(result))
     parts.append(f"{result.seconds:.2f} s")
     return " | ".join(parts)
 
@@ -636,6 +686,12 @@ def _footer(result: ConvertResult) -> str:
 def _layout_cell(conversion: Conversion) -> str:
     """Flatten layout, FC weight format used, and conv format written: ``hwc in_out>oihw``."""
     return f"{conversion.layout} {conversion.weight_format.value}>{conversion.conv_format.value}"
+
+
+def _all_ok(result: ConvertResult) -> str:
+    sampled = [c for c in result.checks if c.float64_rows < c.out_features]
+    where = f" (<= {max(c.float64_rows for c in sampled)} filters a layer)" if sampled else ""
+    return f"every value bit-exact, float64{where} within atol {result.options.atol:g}"
 
 
 def _one_line(text: str) -> str:
@@ -647,6 +703,12 @@ def _one_line(text: str) -> str:
 
 def _shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(map(str, shape)) + ")"
+
+
+def _bits(equal: bool | None) -> Text:
+    if equal is None:
+        return Text("-")
+    return Text("equal", style="green") if equal else Text("DIFFER", style="bold red")
 
 
 def _diff(value: float | None) -> Text:

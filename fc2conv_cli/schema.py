@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fc2conv_cli.layout import SPATIAL_AXES, ConvFormat, WeightFormat
+from fc2conv_cli.manifest import FORMATS
 
 __all__ = [
     "SCHEMA_FILE_NAMES",
@@ -169,6 +170,11 @@ def manifest_schema() -> dict[str, Any]:
                 "The layer map: a path relative to the manifest's folder, or a shipped "
                 "map's name (see `fc2conv sample-configs`)."
             ),
+            "format": {
+                "enum": list(FORMATS),
+                "description": "Read this group's files as this format (as --format does); "
+                "by default each file's format is found from its content, then its suffix.",
+            },
         },
     }
     return {

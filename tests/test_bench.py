@@ -61,7 +61,7 @@ def test_targets_and_table_from_known_medians():
 
     cases = [case("naive_check", 4.0, 1500.0), case("fc_st", 1.0, 100.0), case("help", 0.5, 10)]
     by_key = {c.key: c for c in cases}
-    wall, memory = (t for t in bench.TARGETS if t.case == "fc_st")
+    wall, memory = (t for t in bench.TARGETS if t.case == "fc_st" and t.base != "cp_sync")
     row = bench.evaluate(wall, by_key)
     assert row["limit"] == pytest.approx(1.4) and row["ratio"] == pytest.approx(0.25)
     assert row["met"] is True
@@ -92,3 +92,13 @@ def test_wide_fixture_is_about_four_times_vgg16():
     assert 3.8 < count(wide) / count(state_dict_shapes("vgg16")) < 4.2
     assert wide["classifier.0.weight"][1] == 512 * 7 * 7
     assert wide["classifier.3.weight"][1] == wide["classifier.0.weight"][0]
+
+
+def test_cpu_time_counts_work_not_waiting():
+    busy = bench.measure(
+        _python("import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass")
+    )
+    idle = bench.measure(_python("import time; time.sleep(0.4)"))
+    assert busy.returncode == idle.returncode == 0
+    assert 0.4 <= busy.cpu_s < busy.wall_s + 0.05
+    assert idle.cpu_s < 0.3 <= idle.wall_s

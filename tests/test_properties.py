@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 safetensors_torch = pytest.importorskip("safetensors.torch")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 SPATIAL = {1: "l", 2: "hw", 3: "dhw"}
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -318,3 +320,125 @@ def test_any_map_document_converts_or_is_refused_line_by_line(checkpoint_dir, do
         assert list(checkpoint_dir.glob(".*.tmp")) == []
     finally:
         output.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------ changes in a written file
+
+np = pytest.importorskip("numpy")
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+CHANGE_DTYPES = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F64": np.float64,
+}
+CHANGE_MAP = (
+    "version: 1\nlayout: hwc\nweight_format: in_out\nlayers:\n"
+    "  - {name: head.0, kernel: [2, 3]}\n  - {name: head.1}\n"
+)
+# Values a conversion must carry exactly and a careless check compares as equal: zero,
+# whose sign flips; NaN, whose payload changes; Inf, one ulp from NaN.
+SPECIAL = {(0, 0): 0.0, (1, 2): float("nan"), (2, 3): float("inf"), (3, 4): -0.0}
+
+
+def _header(data: bytes) -> tuple[int, dict]:
+    length = int.from_bytes(data[:8], "little")
+    return 8 + length, json.loads(data[8 : 8 + length])
+
+
+@pytest.fixture(scope="module")
+def written_files():
+    """Per dtype: a source, its map, and the bytes fc2conv wrote for it."""
+    folder = tempfile.TemporaryDirectory()
+    path = Path(folder.name)
+    (path / "map.yaml").write_text(CHANGE_MAP)
+    files = {}
+    for code, dtype in CHANGE_DTYPES.items():
+        rng = np.random.default_rng(0)
+        kernel = rng.standard_normal((24, 5)).astype(dtype)  # in_out: (in_features, out)
+        for index, value in SPECIAL.items():
+            kernel[index] = value
+        source = path / f"{code}.safetensors"
+        safetensors_numpy.save_file(
+            {
+                "head.0.weight": kernel,
+                "head.0.bias": rng.standard_normal(5).astype(dtype),
+                "head.1.weight": rng.standard_normal((5, 3)).astype(dtype),
+                "backbone.weight": rng.standard_normal((4, 3, 3)).astype(dtype),
+                "steps": np.array([7, -1], np.int64),
+            },
+            str(source),
+        )
+        output = path / f"{code}.fcn.safetensors"
+        code_, _, stderr = _run("convert", source, "--map", path / "map.yaml", "-o", output)
+        assert code_ == 0, stderr
+        files[code] = (source, output.read_bytes())
+    yield path, files
+    folder.cleanup()
+
+
+@st.composite
+def single_value_changes(draw):
+    """A dtype, a tensor of the written file, one of its values, and a change of its bits."""
+    return (
+        draw(st.sampled_from(sorted(CHANGE_DTYPES))),
+        draw(st.sampled_from(OUTPUT_TENSORS)),
+        draw(st.integers(0, 10**6)),  # the value, modulo the tensor's size
+        draw(st.sampled_from(["ulp_up", "ulp_down", "bit", "nan_payload", "sign"])),
+        draw(st.integers(0, 63)),  # the bit to flip
+        draw(st.integers(1, 2**51)),  # the NaN payload
+    )
+
+
+OUTPUT_TENSORS = ["head.0.weight", "head.0.bias", "head.1.weight", "backbone.weight", "steps"]
+MANTISSA_BITS = {"F16": 10, "BF16": 7, "F32": 23, "F64": 52}
+
+
+def _changed_bits(old: int, dtype: str, size: int, kind: str, bit: int, payload: int) -> int:
+    """``old`` bits changed as ``kind`` says; never equal to ``old``."""
+    width = 8 * size
+    if kind == "ulp_up":
+        new = (old + 1) % (1 << width)
+    elif kind == "ulp_down":
+        new = (old - 1) % (1 << width)
+    elif kind == "sign":
+        new = old ^ (1 << (width - 1))
+    elif kind == "nan_payload" and dtype in MANTISSA_BITS:
+        mantissa = MANTISSA_BITS[dtype]
+        exponent = ((1 << (width - 1 - mantissa)) - 1) << mantissa
+        new = (old & (1 << (width - 1))) | exponent | (payload % ((1 << mantissa) - 1) + 1)
+    else:
+        new = old ^ (1 << (bit % width))
+    return new if new != old else old ^ 1
+
+
+# In the written (5, 4, 2, 3) conv weight, the special values sit at flat indices 0 (0.0),
+# 54 (NaN), 84 (Inf) and 114 (-0.0).
+@SETTINGS
+@example(case=("F32", "head.0.weight", 0, "sign", 0, 1))  # 0.0 -> -0.0
+@example(case=("F32", "head.0.weight", 114, "sign", 0, 1))  # -0.0 -> 0.0
+@example(case=("BF16", "head.0.weight", 54, "nan_payload", 0, 5))  # another NaN payload
+@example(case=("F16", "head.0.weight", 84, "ulp_down", 0, 1))  # Inf -> largest finite
+@example(case=("F32", "head.0.weight", 84, "ulp_up", 0, 1))  # Inf -> NaN
+@example(case=("F64", "head.0.bias", 4, "ulp_up", 0, 1))
+@given(case=single_value_changes())
+def test_any_single_value_change_in_a_written_file_fails_verify(written_files, case):
+    code, name, element, kind, bit, payload = case
+    folder, files = written_files
+    source, data = files[code]
+    start, header = _header(data)
+    entry = header[name]
+    size = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8}[entry["dtype"]]
+    count = (entry["data_offsets"][1] - entry["data_offsets"][0]) // size
+    offset = start + entry["data_offsets"][0] + (element % count) * size
+    old = int.from_bytes(data[offset : offset + size], "little")
+    new = _changed_bits(old, entry["dtype"], size, kind, bit, payload)
+    changed = folder / "changed.safetensors"
+    changed.write_bytes(data[:offset] + new.to_bytes(size, "little") + data[offset + size :])
+
+    exit_code, stdout, stderr = _run("verify", source, changed, "--map", folder / "map.yaml")
+    assert exit_code == 1, (case, stdout, stderr)
+    [line] = stderr.strip().splitlines()
+    assert line.startswith("error: differs from its source: ") and name in line, line
+    assert "Traceback" not in stdout + stderr

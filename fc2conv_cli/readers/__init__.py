@@ -7,12 +7,9 @@ format is read. ``detect`` picks the module from the content, then the suffix.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
-import threading
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Future
 from pathlib import Path
 
 from fc2conv_cli.errors import CheckpointError
@@ -43,7 +40,6 @@ __all__ = [
     "open_loaded",
     "open_safetensors",
     "read_safetensors_metadata",
-    "sha256_in_background",
     "tensor_nbytes",
 ]
 
@@ -55,7 +51,6 @@ PREFIXES = (
 )
 # The one name the safetensors format reserves (for its metadata).
 _RESERVED_NAMES = ("__metadata__",)
-_HASH_BLOCK = 4 << 20
 
 
 def open_checkpoint(
@@ -150,30 +145,6 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
     from fc2conv_cli.readers import safetensors
 
     return safetensors.read_metadata(path)
-
-
-def sha256_in_background(path: Path) -> Future[str]:
-    """Start hashing ``path`` in a thread (hashlib releases the GIL); returns the hex digest."""
-    future: Future[str] = Future()
-
-    def run() -> None:
-        try:
-            digest = hashlib.sha256()
-            # read(), not a memory map: this thread may outlive a failed conversion, and a
-            # mapped file truncated meanwhile would kill the process with SIGBUS.
-            buffer = bytearray(_HASH_BLOCK)
-            view = memoryview(buffer)
-            with open(path, "rb", buffering=0) as file:
-                while count := file.readinto(buffer):
-                    digest.update(view[:count])
-            future.set_result(digest.hexdigest())
-        except OSError as exc:
-            future.set_exception(CheckpointError(f"{path}: cannot read: {exc.strerror or exc}"))
-        except BaseException as exc:  # handed to whoever waits on the future
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="fc2conv-sha256", daemon=True).start()
-    return future
 
 
 def _refuse_unstorable_names(path: Path, names: list[str]) -> None:
