@@ -359,7 +359,7 @@ def _compare_weight(
 
     Returns the first mismatch (if any) and which output rows hold NaN or Inf.
     """
-    conversion, name = layer.weight.conversion, layer.weight.source
+    conversion, name = layer.conversion, layer.weight.source
     fmt, dtype = conversion.weight_format, source.tensors[name].dtype
     expected_bits, written_bits = _bits(source, name), _bits(written, layer.weight.name)
     values = source.array(name)
@@ -374,8 +374,8 @@ def _compare_weight(
         if differ.any():
             count += int(np.count_nonzero(differ))
             if first is None:
-                row, flat = np.unravel_index(int(np.argmax(differ)), differ.shape)
-                first = (start + int(row), int(flat), int(expected[row, flat]), int(got[row, flat]))
+                row, col = np.unravel_index(int(np.argmax(differ)), differ.shape)
+                first = (start + int(row), int(col), int(expected[row, col]), int(got[row, col]))
         nonfinite[rows] = ~np.isfinite(fc_rows(values, fmt, rows)).all(axis=1)
     if first is None:
         return [], nonfinite
@@ -448,7 +448,7 @@ def _float64_diffs(
 
     Returns (window diff, dense diff or None, whether the dense check ran).
     """
-    conversion = layer.weight.conversion
+    conversion = layer.conversion
     kernel, fmt = conversion.kernel, conversion.weight_format
     rng = np.random.default_rng(seed)
     samples = rng.standard_normal((WINDOW_SAMPLES, layer.in_channels, *kernel))

@@ -681,6 +681,7 @@ def schema(kind: str) -> int:
     from fc2conv_cli.schema import schema_text
 
     write_stdout(schema_text(kind))
+    return 0
 
 
 _EXPORT_ATOL_DEFAULT = 1e-4  # keep in step with export.DEFAULT_EXPORT_ATOL (a test pins it)

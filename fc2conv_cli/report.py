@@ -136,6 +136,9 @@ def render_conversion(console: Console, result: ConvertResult) -> None:
     checks = {c.layer: c for c in result.checks}
     for layer in result.plan.layers:
         check = checks.get(layer.rule.name)
+        bits: str | Text
+        window: str | Text
+        dense: str | Text
         if check is None:
             bits = window = dense = "-"
             status = Text("planned" if result.options.dry_run else "not checked", style="yellow")
@@ -148,8 +151,8 @@ def render_conversion(console: Console, result: ConvertResult) -> None:
             Text(f"{layer.weight.source} -> {layer.weight.name}"),
             _shape(layer.source_shape),
             _shape(layer.weight.shape),
-            "x".join(map(str, layer.weight.conversion.kernel)),
-            Text(_layout_cell(layer.weight.conversion)),
+            "x".join(map(str, layer.conversion.kernel)),
+            Text(_layout_cell(layer.conversion)),
             bits,
             window,
             dense,
@@ -228,11 +231,11 @@ def conversion_json(result: ConvertResult) -> dict[str, Any]:
                 "output_bias": layer.bias.name if layer.bias else None,
                 "old_shape": list(layer.source_shape),
                 "new_shape": list(layer.weight.shape),
-                "kernel": list(layer.weight.conversion.kernel),
+                "kernel": list(layer.conversion.kernel),
                 "layout": str(layer.rule.layout),
-                "weight_format": layer.weight.conversion.weight_format.value,
-                "conv_format": layer.weight.conversion.conv_format.value,
-                "bytes_unchanged": not layer.weight.conversion.moves_bytes,
+                "weight_format": layer.conversion.weight_format.value,
+                "conv_format": layer.conversion.conv_format.value,
+                "bytes_unchanged": not layer.conversion.moves_bytes,
                 "bits_equal": check.bits_equal if check else None,
                 "mismatches": [_mismatch_json(m) for m in check.mismatches] if check else [],
                 "max_abs_diff": check.max_abs_diff if check else None,

@@ -142,7 +142,7 @@ def export_json(result: ExportResult) -> dict[str, Any]:
 def export_error_json(error: Fc2convError) -> dict[str, Any]:
     """The report of an export that stopped on an error (with its proofs, if any ran)."""
     result = getattr(error, "result", None)
-    report = export_json(result) if result is not None else {"ok": False}
+    report: dict[str, Any] = export_json(result) if result is not None else {"ok": False}
     report["error"] = {"code": error.code, "message": error.message, "exit_code": error.exit_code}
     return report
 
