@@ -263,8 +263,9 @@ def convert_state_dict(
     Returns a new dict of the same kind, in the output's order and names (prefixes the
     map strips are stripped, ``rename`` applied): the same tensors ``convert`` would
     write, after the same checks (``check=False`` skips them), as CPU tensors (or
-    writable arrays) sharing one new buffer. No file is written; the input is not changed. Raises ``CheckFailed`` (1) when a check fails, ``InputError``
-    (2) for a bad map, a value that is not a tensor, or a map that does not fit.
+    writable arrays) sharing one new buffer. No file is written; the input is not
+    changed. Raises ``CheckFailed`` (1) when a check fails, ``InputError`` (2) for a bad
+    map, a value that is not a tensor, or a map that does not fit.
     """
     from fc2conv_cli.readers import open_loaded
 
