@@ -227,24 +227,34 @@ def inspect(
     schema_output: PathLike | None = None,
     force: bool = False,
     format: str | None = None,
+    prototxt: PathLike | None = None,
 ) -> InspectResult:
     """Summarize a checkpoint's tensors; with ``suggest`` (implied by ``map_output`` or
     ``schema_output``), suggest a layer map and write it to ``map_output`` if given.
 
+    ``prototxt`` is a Caffe net definition whose input shape the suggestion reads.
     Raises ``InputError`` (2).
     """
     suggest = suggest or map_output is not None or schema_output is not None
     result = pipeline.inspect(
-        Path(input), suggest, _path(map_output), force, format, _path(schema_output)
+        Path(input),
+        suggest,
+        _path(map_output),
+        force,
+        format,
+        _path(schema_output),
+        _path(prototxt),
     )
     return InspectResult(result.summary, result.suggestion)
 
 
-def suggest_map(input: PathLike, *, format: str | None = None) -> SuggestedMap:
+def suggest_map(
+    input: PathLike, *, format: str | None = None, prototxt: PathLike | None = None
+) -> SuggestedMap:
     """The layer map suggested for a checkpoint: ``.text`` is its commented YAML (load it
     with ``LayerMap.from_yaml``), with the evidence (``layers``, ``kernel``,
     ``in_channels``, ``layout_guess``, ``ambiguities``). Raises ``InputError`` (2)."""
-    suggestion = inspect(input, suggest=True, format=format).suggestion
+    suggestion = inspect(input, suggest=True, format=format, prototxt=prototxt).suggestion
     if suggestion is None:  # inspect always suggests when asked to
         raise AssertionError("inspect returned no suggestion")
     return suggestion

@@ -309,14 +309,15 @@ def _report_conversion(
 _INSPECT_HELP = """Show what checkpoint INPUT holds; with --suggest-map, write its layer map.
 
 The table lists tensor groups (prefixes) with shapes, dtypes and sizes, marking the conv
-backbone and the FC head. --suggest-map finds the FC chain by matching sizes, infers the
-first FC's kernel and in_channels from the conv that feeds it, guesses the flatten
-order from the weights (trained weights are smooth over neighbouring positions; random
-weights cannot tell, and on a square map h/w-swapped orders cannot be told apart), and
-writes a commented map that converts as written. The map goes to -o MAP.yaml, or to
-stdout (the table then goes to stderr). --schema-out writes the map's JSON Schema and
-starts the map with a `# yaml-language-server: $schema=` line pointing to it, so
-editors validate and complete the map.
+backbone and the FC head. --suggest-map finds the FC chain by matching sizes and reads
+how the first FC reads the backbone's map from the file's graph or config where it has
+one (ONNX, TF.js, Keras; Caffe with --prototxt); otherwise it scores every map shape
+the conv geometry allows with every flatten order on the weights' smoothness, and says
+"cannot tell" with the candidates when they do not separate. The map is commented and
+converts as written. The map goes to -o MAP.yaml, or to stdout (the table then goes to
+stderr). --schema-out writes the map's JSON Schema and starts the map with a
+`# yaml-language-server: $schema=` line pointing to it, so editors validate and
+complete the map.
 
 \b
 Example:
@@ -344,6 +345,11 @@ Example:
     "first line at it, for editors (implies --suggest-map).",
 )
 @click.option("--force", is_flag=True, help="Replace the -o (and --schema-out) file if it exists.")
+@click.option(
+    "--prototxt",
+    type=_PATH,
+    help="A Caffe deploy .prototxt: the suggestion reads the map's shape from it.",
+)
 @_json_option
 @_format_option
 def inspect(
@@ -352,6 +358,7 @@ def inspect(
     map_output: Path | None,
     schema_output: Path | None,
     force: bool,
+    prototxt: Path | None,
     json_path: str | None,
     input_format: str | None,
 ) -> int:
@@ -372,6 +379,7 @@ def inspect(
         schema_output=schema_output,
         force=force,
         format=input_format,
+        prototxt=prototxt,
     )
     report.render_inspect(_console(stderr=map_to_stdout or json_path == "-"), result)
     if map_to_stdout and result.suggestion is not None:

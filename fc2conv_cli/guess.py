@@ -32,8 +32,11 @@ from fc2conv_cli.layout import SPATIAL_AXES, Layout, WeightFormat
 __all__ = [
     "CONFIDENCE_THRESHOLD",
     "LayoutGuess",
+    "MapCandidate",
+    "MapGuess",
     "candidate_layouts",
     "guess_layout",
+    "guess_map",
 ]
 
 # Below this confidence the guess is withheld (best=None, "cannot tell"). Random weights
@@ -59,6 +62,21 @@ Z_FULL = 6.0
 # draws estimate sigma better; the budget keeps big weights fast (VGG16 gets the minimum).
 NULL_DRAWS = (6, 32)
 NULL_BUDGET = 1 << 23  # weights scored for the null, in all draws together
+# Draws for the null of the best candidate's score (:func:`guess_map`): every class is
+# scored per draw, so the budget is shared by the classes, within these bounds.
+MAX_NULL_DRAWS = (12, 48)
+# guess_map scores many candidates: it reads half as many weights as guess_layout.
+MAP_MAX_ELEMENTS = MAX_ELEMENTS // 2
+# The best candidate's excess over the best of chance, in standard deviations of that
+# maximum, must reach MAP_Z_NONE to count at all and MAP_Z_FULL to count fully. Stricter
+# than Z_NONE / Z_FULL: on real weights with their inputs shuffled the maximum's tail is
+# heavier than a normal one (3.6 sigma in 24 shuffles of facenet-pytorch's MTCNN FCs),
+# while trained maps score 10 sigma and more (54 and 68 on those FCs unshuffled).
+MAP_Z_NONE = 4.0
+MAP_Z_FULL = 8.0
+# Below this many sigma of its own null the best candidate cannot reach MAP_Z_NONE over
+# the best of chance either: its null of the maximum is not computed (random weights).
+_WORTH_CALIBRATING = 2.0
 # Bootstrap resamples of the filters; the share in which the best class stays best is
 # its support (a filter-to-filter consistency, the calibrated part of the confidence).
 BOOTSTRAP = 256
@@ -169,7 +187,12 @@ def _stats(
     return smooth, channel
 
 
-def _rows(weight: np.ndarray, weight_format: WeightFormat, in_features: int) -> np.ndarray:
+def _rows(
+    weight: np.ndarray,
+    weight_format: WeightFormat,
+    in_features: int,
+    max_elements: int = MAX_ELEMENTS,
+) -> np.ndarray:
     """Evenly spaced filters of ``weight`` as float32 (O', in_features), each standardised.
 
     Filters that are constant or hold a NaN or an infinity carry no evidence and are left
@@ -187,7 +210,7 @@ def _rows(weight: np.ndarray, weight_format: WeightFormat, in_features: int) -> 
             f"C x kernel has {in_features}"
         )
     n_out = w.shape[0]
-    keep = min(n_out, max(MIN_ROWS, MAX_ELEMENTS // max(in_features, 1)))
+    keep = min(n_out, max(MIN_ROWS, max_elements // max(in_features, 1)))
     index = np.unique(np.linspace(0, n_out - 1, keep).round().astype(np.int64))
     rows = np.asarray(w[index], dtype=np.float64)
     rows = rows[np.isfinite(rows).all(axis=1)]
@@ -325,3 +348,246 @@ def _cannot_tell(
         f"{CONFIDENCE_THRESHOLD}): {why}",
         z=round(z, 2),
     )
+
+
+# -- Shape and order together ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MapCandidate:
+    """One (map shape, flatten order) class scored by :func:`guess_map`.
+
+    ``members`` are every (shape, layout) pair giving the same conv weight up to a
+    transpose of the spatial axes (``3x12 chw`` and ``12x3 cwh``): no statistic of the
+    weights tells them apart. ``shape`` / ``layout`` are the first member (the caller's
+    preference order). ``support`` is the share of filter resamples in which this class
+    scores highest; ``confidence`` is support scaled by how far ``z`` is above chance.
+    """
+
+    shape: tuple[int, ...]
+    layout: str
+    score: float
+    z: float
+    support: float
+    confidence: float
+    members: tuple[tuple[tuple[int, ...], str], ...]
+
+
+@dataclass(frozen=True)
+class MapGuess:
+    """The outcome of :func:`guess_map`: ``best`` (None: cannot tell) and every candidate,
+    highest score first, with a one-line ``reason``."""
+
+    best: MapCandidate | None
+    candidates: tuple[MapCandidate, ...]
+    reason: str
+
+
+def guess_map(
+    weight: np.ndarray,
+    in_channels: int,
+    shapes: list[tuple[int, ...]],
+    weight_format: WeightFormat = WeightFormat.OUT_IN,
+    layouts: list[str] | None = None,
+) -> MapGuess:
+    """Score every (shape, flatten order) of an FC weight reading ``in_channels`` x shape.
+
+    ``shapes`` are the candidate map shapes (same rank, same product), in preference
+    order; ``layouts`` restricts the orders (default: all, in preference order). Scores
+    are comparable across shapes (excess neighbour correlation over each shape's own
+    null). The best class must lead in at least ``CONFIDENCE_THRESHOLD`` of the filter
+    resamples, far enough above chance, or ``best`` is None. Deterministic.
+    """
+    if not shapes or len({math.prod(s) for s in shapes}) != 1 or len({len(s) for s in shapes}) != 1:
+        raise ValueError(f"candidate shapes must share rank and size, got {shapes}")
+    ndim = len(shapes[0])
+    orders = layouts or [layout.axes for layout in candidate_layouts(ndim)]
+    in_features = in_channels * math.prod(shapes[0])
+    rows = _rows(weight, weight_format, in_features, MAP_MAX_ELEMENTS)
+    classes = _map_classes(shapes, orders, in_channels)
+    if len(classes) == 1:
+        only = MapCandidate(*classes[0][0], 0.0, 0.0, 1.0, 1.0, tuple(classes[0]))
+        return MapGuess(only, (only,), "every candidate gives the same conv weight")
+    if len(rows) < 2:
+        return _no_map(classes, "the weight has fewer than two finite, non-constant filters")
+    rng = np.random.default_rng(_SEED)
+    ones = np.ones((1, len(rows)))
+    resample = rng.multinomial(len(rows), np.full(len(rows), 1.0 / len(rows)), size=BOOTSTRAP)
+    weights = np.vstack([ones, resample.astype(np.float64)])
+    nulls = {shape: _null(rows, in_channels, shape, rng) for shape in shapes}
+    table, sigmas = [], []
+    for members in classes:
+        shape, axes = _row_major(members)
+        null_mean, sigma = nulls[shape]
+        x = Layout(axes).fc_rows_to_conv(rows, in_channels, shape)
+        smooth, channel = _map_stats(np.ascontiguousarray(x), weights)
+        table.append(_combine(smooth, channel, null_mean))
+        sigmas.append(sigma)
+    scores = np.array(table)
+    leads = scores[:, 1:].argmax(axis=0)
+    candidates = []
+    for k, members in enumerate(classes):
+        z = float(scores[k, 0]) / sigmas[k]
+        support = float(np.mean(leads == k))
+        ramp = min(max((z - Z_NONE) / (Z_FULL - Z_NONE), 0.0), 1.0)
+        candidates.append(
+            MapCandidate(
+                *members[0],
+                round(float(scores[k, 0]), 6),
+                round(z, 2),
+                round(support, 4),
+                round(support * ramp, 4),
+                tuple(members),
+            )
+        )
+    candidates.sort(key=lambda c: -c.score)
+    top = candidates[0]
+    if top.z >= _WORTH_CALIBRATING:
+        top = candidates[0] = _calibrated(top, rows, in_channels, classes, nulls, rng)
+    else:  # within chance of one candidate's null, and so of the best one's: no confidence
+        top = candidates[0] = MapCandidate(
+            top.shape, top.layout, top.score, top.z, top.support, 0.0, top.members
+        )
+    if top.confidence >= CONFIDENCE_THRESHOLD:
+        return MapGuess(top, tuple(candidates), f"{_label(top)}, confidence {top.confidence:.2f}")
+    if top.z < MAP_Z_NONE:
+        why = f"no spatial structure beyond chance ({top.z:.1f} sigma), as for untrained weights"
+    elif top.z < MAP_Z_FULL:
+        why = f"weak spatial structure ({top.z:.1f} sigma; {_label(top)} leads)"
+    else:
+        why = f"{_label(top)} leads {_label(candidates[1])} in only {top.support:.0%} of resamples"
+    reason = f"cannot tell (confidence {top.confidence:.2f} < {CONFIDENCE_THRESHOLD}): {why}"
+    return MapGuess(None, tuple(candidates), reason)
+
+
+def _calibrated(
+    top: MapCandidate,
+    rows: np.ndarray,
+    channels: int,
+    classes: list,
+    nulls: dict,
+    rng: np.random.Generator,
+) -> MapCandidate:
+    """``top`` with ``z`` measured against the *best* candidate's score on randomly
+    permuted inputs (every class scored per draw, the maximum kept).
+
+    Real trained filters have a few strongly correlated input pairs; a random order
+    that happens to put some of them side by side scores far above a normal tail, and
+    the best of many candidates is the one that did. Against the null of that maximum,
+    a real map stands out and such luck does not.
+    """
+    views = [(_row_major(members), nulls[_row_major(members)[0]][0]) for members in classes]
+    ones = np.ones((1, len(rows)))
+    draws = min(max(MAX_NULL_DRAWS[0], NULL_BUDGET // (rows.size * len(views))), MAX_NULL_DRAWS[1])
+    best = []
+    for _ in range(draws):
+        permuted = rows[:, rng.permutation(rows.shape[1])]
+        scores = []
+        for (shape, axes), null_mean in views:
+            x = np.ascontiguousarray(Layout(axes).fc_rows_to_conv(permuted, channels, shape))
+            scores.append(float(_combine(*_map_stats(x, ones), null_mean)[0]))
+        best.append(max(scores))
+    spread = max(float(np.std(best, ddof=1)), 1e-12)
+    z = (top.score - float(np.mean(best))) / spread
+    ramp = min(max((z - MAP_Z_NONE) / (MAP_Z_FULL - MAP_Z_NONE), 0.0), 1.0)
+    return MapCandidate(
+        top.shape, top.layout, top.score, round(z, 2), top.support,
+        round(top.support * ramp, 4), top.members,
+    )  # fmt: skip
+
+
+def _row_major(members: list[tuple[tuple[int, ...], str]]) -> tuple[tuple[int, ...], str]:
+    """The member whose spatial axes flatten slowest first (``chw``, ``hwc``): its row
+    wraps are neighbours in the flat order, as the shape term assumes."""
+    for shape, axes in members:
+        spatial = [a for a in axes if a != "c"]
+        if spatial == sorted(spatial, key="dhwl".index):
+            return shape, axes
+    return members[0]
+
+
+def _label(candidate: MapCandidate) -> str:
+    return f"{'x'.join(map(str, candidate.shape))} {candidate.layout}"
+
+
+def _null(
+    rows: np.ndarray, channels: int, shape: tuple[int, ...], rng: np.random.Generator
+) -> tuple[np.ndarray, float]:
+    """(mean of (smoothness, channel correlation), sigma of the score) on permuted inputs."""
+    draws = min(max(NULL_DRAWS[0], NULL_BUDGET // rows.size), NULL_DRAWS[1])
+    ones = np.ones((1, len(rows)))
+    null = np.array(
+        [
+            _map_stats(
+                rows[:, rng.permutation(rows.shape[1])].reshape(len(rows), channels, *shape), ones
+            )
+            for _ in range(draws)
+        ]
+    )[..., 0]
+    null_mean = null.mean(axis=0)
+    sigma = max(float(_combine(null[:, 0], null[:, 1], null_mean).std(ddof=1)), 1e-12)
+    return null_mean, sigma
+
+
+def _map_classes(
+    shapes: list[tuple[int, ...]], orders: list[str], channels: int
+) -> list[list[tuple[tuple[int, ...], str]]]:
+    """Group (shape, layout) pairs whose conv weights are equal up to a spatial transpose."""
+    keys: dict[tuple, list[tuple[tuple[int, ...], str]]] = {}
+    for shape in shapes:
+        flat = np.arange(channels * math.prod(shape)).reshape(1, -1)
+        for axes in orders:
+            index = Layout(axes).fc_rows_to_conv(flat, channels, shape)[0]
+            key = min(
+                (
+                    index.transpose(0, *p).shape,
+                    np.ascontiguousarray(index.transpose(0, *p)).tobytes(),
+                )
+                for p in itertools.permutations(range(1, len(shape) + 1))
+            )
+            keys.setdefault(key, []).append((shape, axes))
+    return list(keys.values())
+
+
+def _no_map(classes: list, why: str) -> MapGuess:
+    candidates = tuple(
+        MapCandidate(*members[0], 0.0, 0.0, 0.0, 0.0, tuple(members)) for members in classes
+    )
+    return MapGuess(
+        None, candidates, f"cannot tell (confidence 0.00 < {CONFIDENCE_THRESHOLD}): {why}"
+    )
+
+
+def _map_stats(x: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(smoothness with shape evidence, channel-neighbour correlation), each (B,).
+
+    ``x`` is ``(O, C, *shape)`` in an order whose last spatial axis is the fastest. The
+    mean neighbour correlation alone favours long thin views (a ``3x12`` map read as
+    ``1x36`` keeps 33 of its 35 neighbour pairs), so a view with two axes of size >= 2
+    scores ``along + across - wraps``: its rows' neighbour correlation, plus its columns',
+    less that of its row wraps (the last position of one row with the first of the next).
+    Under the true width the rows hold only true neighbours (a thin view's "row" also
+    holds the wraps), the columns are neighbours and the wraps are not; under a wrong
+    width some claimed neighbours are far apart and some wraps are neighbours. A view
+    with one such axis scores its neighbour correlation.
+    """
+    smooth, channel = _stats(_evidence(x), weights)
+    if x.ndim < 4 or x.shape[-1] < 2 or x.shape[-2] < 2:
+        return smooth, channel
+    r = x - x.mean(axis=tuple(range(2, x.ndim)), keepdims=True)
+
+    def corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        rest = tuple(range(1, a.ndim))
+        sums = np.stack(
+            [
+                (a * b).sum(axis=rest, dtype=np.float64),
+                (a * a).sum(axis=rest, dtype=np.float64),
+                (b * b).sum(axis=rest, dtype=np.float64),
+            ]
+        )
+        return _corr(sums, weights)
+
+    along = corr(r[..., :, :-1], r[..., :, 1:])
+    across = corr(r[..., :-1, :], r[..., 1:, :])
+    wraps = corr(r[..., :-1, -1], r[..., 1:, 0])
+    return along + across - wraps, channel

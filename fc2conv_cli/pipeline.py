@@ -229,19 +229,26 @@ def inspect(
     force: bool = False,
     format: str | None = None,
     schema_output: Path | None = None,
+    prototxt: Path | None = None,
 ) -> InspectResult:
     """Summarize a checkpoint; suggest a map (and write it to ``map_output``) if asked.
 
     With ``schema_output``, the map's JSON Schema is written there and the suggested map
     starts with a ``# yaml-language-server: $schema=`` line pointing to it (relative to
-    the map's folder, or to the current one for a map on stdout). Raises ``InputError`` (2).
+    the map's folder, or to the current one for a map on stdout). ``prototxt`` is a Caffe
+    net definition whose input shape the suggestion reads. Raises ``InputError`` (2).
     """
     for target in (map_output, schema_output):
         if target is not None and target.exists() and not force:
             raise OutputError(f"{target}: already exists; pass --force to replace it")
     with open_checkpoint(path, format=format) as checkpoint:
         summary = summarize(checkpoint)
-        suggestion = suggest_map(checkpoint, path.name) if suggest else None
+        net = None
+        if suggest and prototxt is not None:
+            from fc2conv_cli.readers.caffe import read_prototxt
+
+            net = read_prototxt(prototxt)
+        suggestion = suggest_map(checkpoint, path.name, net) if suggest else None
     if schema_output is not None and suggestion is not None:
         folder = map_output.parent if map_output is not None else Path.cwd()
         header = language_server_line(schema_output, folder)

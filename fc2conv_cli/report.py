@@ -526,7 +526,7 @@ def render_inspect(console: Console, result: InspectResult) -> None:
     table.add_column("size", justify="right", no_wrap=True)
     for group in summary.groups:
         tensors = "\n".join(
-            f"{t.name[len(group.prefix) + 1 :] or t.name} {_shape(t.shape)} {t.dtype}"
+            f"{_member_name(t.name, group.prefix)} {_shape(t.shape)} {t.dtype}"
             for t in group.tensors
         )
         table.add_row(Text(group.prefix), group.kind, Text(tensors), _size(group.nbytes))
@@ -546,14 +546,39 @@ def render_inspect(console: Console, result: InspectResult) -> None:
         console.print(
             Text(
                 f"suggested map: {' -> '.join(suggestion.layers)}; first FC reads "
-                f"{suggestion.in_channels} channels x {kernel}"
+                f"{suggestion.in_channels} channels x {kernel}, layout {suggestion.layout} "
+                f"(from the {suggestion.source}, confidence {suggestion.confidence:.2f})"
             )
         )
-        guess = suggestion.layout_guess
-        if guess is not None:
-            console.print(Text(f"layout: {guess.reason}"))
+        if suggestion.reading is not None and suggestion.reading.nodes:
+            console.print(Text(f"{suggestion.reading.how}: {', '.join(suggestion.reading.nodes)}"))
+        if suggestion.candidates:
+            table = Table(title="map candidates (shape x layout), best first")
+            for column in ("shape", "layout", "score", "z", "support", "confidence", "same as"):
+                table.add_column(column, no_wrap=True)
+            for c in suggestion.candidates[:8]:
+                table.add_row(
+                    "x".join(map(str, c.shape)),
+                    c.layout,
+                    f"{c.score:.3f}",
+                    f"{c.z:.1f}",
+                    f"{c.support:.2f}",
+                    f"{c.confidence:.2f}",
+                    Text(", ".join(f"{'x'.join(map(str, s))} {a}" for s, a in c.members[1:4])),
+                )
+            console.print(table)
         for note in suggestion.ambiguities:
             console.print(Text(f"check: {note}", style="yellow"))
+        for note in suggestion.notes:
+            console.print(Text(f"note: {note}", style="yellow"))
+
+
+def _member_name(name: str, prefix: str) -> str:
+    """``weight`` for ``features.0.weight`` in group ``features.0``; a name whose layer is
+    joined by ``/`` (``fc1/kernel``, Keras and TF) is shown whole."""
+    if name.startswith(prefix + ".") and len(name) > len(prefix) + 1:
+        return name[len(prefix) + 1 :]
+    return name
 
 
 def inspect_json(result: InspectResult) -> dict[str, Any]:
@@ -580,22 +605,40 @@ def inspect_json(result: InspectResult) -> dict[str, Any]:
         "suggested_map": None,
     }
     if suggestion is not None:
-        guess = suggestion.layout_guess
+        reading = suggestion.reading
         report["suggested_map"] = {
             "text": suggestion.text,
             "layers": list(suggestion.layers),
             "in_channels": suggestion.in_channels,
             "kernel": list(suggestion.kernel),
-            "ambiguities": list(suggestion.ambiguities),
-            "layout_guess": None
-            if guess is None
+            "layout": suggestion.layout,
+            "source": suggestion.source,
+            "layout_source": suggestion.layout_source,
+            "shape_source": suggestion.shape_source,
+            "confidence": suggestion.confidence,
+            "reason": suggestion.guess.reason if suggestion.guess else None,
+            "candidates": [
+                {
+                    "shape": list(c.shape),
+                    "layout": c.layout,
+                    "score": c.score,
+                    "z": c.z,
+                    "support": c.support,
+                    "confidence": c.confidence,
+                    "equivalent": [{"shape": list(s), "layout": a} for s, a in c.members],
+                }
+                for c in suggestion.candidates
+            ],
+            "reading": None
+            if reading is None
             else {
-                "best": guess.best.axes if guess.best else None,
-                "twin": guess.twin,
-                "confidence": guess.confidence,
-                "scores": dict(guess.scores),
-                "reason": guess.reason,
+                "source": reading.source,
+                "how": reading.how,
+                "nodes": list(reading.nodes),
+                "problem": reading.problem,
             },
+            "ambiguities": list(suggestion.ambiguities),
+            "notes": list(suggestion.notes),
         }
     return report
 

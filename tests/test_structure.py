@@ -25,6 +25,7 @@ ORDER = [
     "schema",
     "readers",
     "plan",
+    "evidence",
     "suggest",
     "write",
     "check",

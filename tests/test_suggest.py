@@ -62,7 +62,8 @@ def test_torchvision_architectures(run_cli, tmp_path, arch, layers, channels, ke
     )
     doc = yaml.safe_load(suggestion.text)
     assert doc["layout"] == "chw"  # random weights: cannot tell, so PyTorch's order
-    assert "cannot tell" in suggestion.text and suggestion.layout_guess.best is None
+    assert "cannot tell" in suggestion.text and suggestion.guess.best is None
+    assert (suggestion.source, suggestion.confidence) == ("default", 0.0)
     assert doc["layers"][0] == {"name": layers[0], "kernel": list(kernel), "in_channels": channels}
     converts(run_cli, tmp_path, source, suggestion.text)
 
@@ -129,15 +130,17 @@ def test_branching_heads_are_kept(run_cli, tmp_path):
     converts(run_cli, tmp_path, source, suggestion.text)
 
 
-def test_a_non_square_map_is_stated_as_an_ambiguity(run_cli, tmp_path):
+def test_a_non_square_map_on_random_weights_lists_its_candidates(run_cli, tmp_path):
     source = save(
         tmp_path / "wide.safetensors",
         {"conv.weight": (8, 3, 3, 3), "fc.weight": (6, 8 * 15)},
     )
     suggestion = suggestion_for(source)
-    assert suggestion.kernel == (3, 5)
+    assert (suggestion.kernel, suggestion.source) == ((3, 5), "default")
     [note] = suggestion.ambiguities
-    assert "15 positions is not k x k; candidates (h x w): 1x15, 3x5, 5x3, 15x1" in note
+    assert note.startswith("candidates left: ") and "check how your model flattens" in note
+    shapes = {shape for c in suggestion.candidates for shape, _ in c.members}
+    assert shapes == {(1, 15), (3, 5), (5, 3), (15, 1)}  # every factorisation was scored
     assert f"# Check: {note}" in suggestion.text
     converts(run_cli, tmp_path, source, suggestion.text)
 
@@ -155,7 +158,8 @@ def test_a_guessed_layout_is_written_into_the_map(run_cli, tmp_path):
     )
     suggestion = suggestion_for(source)
     assert yaml.safe_load(suggestion.text)["layout"] == "hwc"
-    assert "Layout guessed from the weights: hwc" in suggestion.text
+    assert (suggestion.kernel, suggestion.source) == ((3, 5), "weights")
+    assert "Map shape and layout from the weights: 3x5 hwc" in suggestion.text
     converts(run_cli, tmp_path, source, suggestion.text)
 
 
@@ -339,7 +343,7 @@ def test_a_line_break_in_a_name_stays_inside_the_comments(tmp_path):
     text = suggestion_for(source).text
     doc = yaml.safe_load(text)
     assert doc["layers"] == [{"name": "fc\n# injected: yes", "kernel": [2, 2], "in_channels": 4}]
-    assert set(doc) == {"version", "layout", "weight_format", "layers"}
+    assert set(doc) == {"version", "layout", "layers"}  # the stored weight format applies
     assert all(line.isprintable() for line in text.splitlines())
 
 
@@ -371,8 +375,8 @@ def test_nan_or_inf_in_the_fc_weight_never_makes_inspect_crash(run_cli, tmp_path
     doc = yaml.safe_load(suggested.stdout)
     assert doc["layers"][0] == {"name": "head", "kernel": [2, 2], "in_channels": 4}
     assert doc["layout"] == "chw"  # cannot tell: PyTorch's order, and said so
-    guess = json.loads((tmp_path / "r.json").read_text())["suggested_map"]["layout_guess"]
-    assert guess["best"] is None and guess["reason"].startswith("cannot tell")
+    report = json.loads((tmp_path / "r.json").read_text())["suggested_map"]
+    assert report["source"] == "default" and report["reason"].startswith("cannot tell")
 
 
 @pytest.mark.parametrize("shape", [(0, 16), (5, 0)])
@@ -401,3 +405,31 @@ def test_empty_fc_weights_are_left_out_of_the_suggestion(run_cli, tmp_path, shap
     assert yaml.safe_load(outcome.stdout)["layers"] == [
         {"name": "head", "kernel": [2, 2], "in_channels": 4}
     ]
+
+
+def test_inspect_json_gives_every_candidate_and_the_source(run_cli, tmp_path):
+    # Smooth filters over a 2 x 6 map flattened chw: shape and order from the weights.
+    channels, height, width, out = 6, 2, 6, 48
+    h, w = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    phase = RNG.uniform(0, 2 * np.pi, (out, channels, 1, 1))
+    filters = RNG.standard_normal((out, channels, 1, 1)) * np.cos(0.6 * h + 0.5 * w + phase)
+    source = save(
+        tmp_path / "m.safetensors",
+        {"conv.weight": (channels, 3, 3, 3)},
+        **{"fc.weight": filters.reshape(out, -1).astype(np.float32)},
+    )
+    outcome = run_cli("inspect", source, "--suggest-map", "--json", tmp_path / "r.json")
+    assert outcome.code == 0, outcome.stderr
+    report = json.loads((tmp_path / "r.json").read_text())["suggested_map"]
+    assert (report["source"], report["layout"], report["kernel"]) == ("weights", "chw", [2, 6])
+    assert report["layout_source"] == report["shape_source"] == "weights"
+    assert report["reading"] is None and report["confidence"] >= 0.6
+    candidates = report["candidates"]
+    assert set(candidates[0]) == {"shape", "layout", "score", "z", "support", "confidence",
+                                  "equivalent"}  # fmt: skip
+    scored = {(tuple(m["shape"]), m["layout"]) for c in candidates for m in c["equivalent"]}
+    assert len(scored) == 6 * 6  # 1x12, 2x6, 3x4, 4x3, 6x2, 12x1, each in six orders
+    assert [c["score"] for c in candidates] == sorted(
+        (c["score"] for c in candidates), reverse=True
+    )
+    assert "map candidates" in outcome.stderr  # the table shows them too
