@@ -25,6 +25,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check fc2conv_cli tests bench
 	$(BIN)/ruff format --check fc2conv_cli tests bench
+	$(BIN)/mypy
 
 fmt: install
 	$(BIN)/ruff check --fix fc2conv_cli tests bench

@@ -341,7 +341,7 @@ class _Pool:
                 worker.process.wait()
             worker.conn.close()
         for worker in self.busy:
-            remove_temp_files(worker.item.output)
+            remove_temp_files(worker.busy_item.output)
         self.idle, self.busy = [], []
 
 
@@ -353,6 +353,13 @@ class _Worker:
     item: BatchItem | None = None
     started: float = 0.0  # time.monotonic() when it started the item
     deadline: float | None = None  # when its item times out, once it has started it
+
+    @property
+    def busy_item(self) -> BatchItem:
+        """The item a busy worker holds (an idle one holds none: a bug to ask)."""
+        if self.item is None:
+            raise RuntimeError("an idle worker holds no item")
+        return self.item
 
     @classmethod
     def start(cls, options: BatchOptions) -> _Worker:
@@ -382,11 +389,11 @@ class _Worker:
         except (EOFError, OSError):
             code = self.process.wait()
             how = f"signal {_signal_name(-code)}" if code < 0 else f"exit {code}"
-            remove_temp_files(self.item.output)
+            remove_temp_files(self.busy_item.output)
             return self.index, FileOutcome(
-                self.item,
+                self.busy_item,
                 Status.ERROR,
-                _input_bytes(self.item),
+                _input_bytes(self.busy_item),
                 error=f"worker crashed ({how}); nothing was written",
             )
         if outcome is None:
@@ -401,12 +408,12 @@ class _Worker:
             self.process.kill()
         self.process.wait()
         self.conn.close()
-        remove_temp_files(self.item.output)
+        remove_temp_files(self.busy_item.output)
         seconds = time.monotonic() - self.started
         return self.index, FileOutcome(
-            self.item,
+            self.busy_item,
             Status.TIMED_OUT,
-            _input_bytes(self.item),
+            _input_bytes(self.busy_item),
             seconds=seconds,
             error=f"ran past --timeout {timeout:g} s and was stopped",
         )

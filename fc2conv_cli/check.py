@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -201,9 +201,11 @@ def check_written(
     atol: float,
     seed: int,
     workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> WrittenCheck:
     """Check a written file against its plan and source, in ``workers`` threads
-    (default ``CHECK_WORKERS``)."""
+    (default ``CHECK_WORKERS``). ``progress`` is told the bytes of each layer's outputs
+    as its checks finish, then those of the copied tensors (in the caller's thread)."""
     index_problems = check_index(plan, written)
     layers = [
         layer
@@ -214,9 +216,12 @@ def check_written(
         _one_blas_thread(),
         ThreadPoolExecutor(workers or CHECK_WORKERS, thread_name_prefix="fc2conv-check") as pool,
     ):
-        checks = _check_layers(layers, source, written, atol, seed, pool)
+        checks = _check_layers(layers, source, written, atol, seed, pool, progress)
         copies = pool.submit(check_copies, plan, source, written, index_problems)
-        return WrittenCheck(checks, copies.result(), index_problems)
+        copied = copies.result()
+        if progress is not None:
+            progress(sum(t.nbytes for t in plan.copied))
+        return WrittenCheck(checks, copied, index_problems)
 
 
 def check_layer(
@@ -234,6 +239,7 @@ def _check_layers(
     atol: float,
     seed: int,
     pool: Executor,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[LayerCheck, ...]:
     """The exact and the float64 checks of every layer, as concurrent tasks of ``pool``.
 
@@ -269,6 +275,8 @@ def _check_layers(
                 out_features=layer.out_features,
             )
         )
+        if progress is not None:
+            progress(sum(t.nbytes for t in (layer.weight, layer.bias) if t is not None))
     return tuple(checks)
 
 
@@ -351,7 +359,7 @@ def _compare_weight(
 
     Returns the first mismatch (if any) and which output rows hold NaN or Inf.
     """
-    conversion, name = layer.weight.conversion, layer.weight.source
+    conversion, name = layer.conversion, layer.weight.source
     fmt, dtype = conversion.weight_format, source.tensors[name].dtype
     expected_bits, written_bits = _bits(source, name), _bits(written, layer.weight.name)
     values = source.array(name)
@@ -366,8 +374,8 @@ def _compare_weight(
         if differ.any():
             count += int(np.count_nonzero(differ))
             if first is None:
-                row, flat = np.unravel_index(int(np.argmax(differ)), differ.shape)
-                first = (start + int(row), int(flat), int(expected[row, flat]), int(got[row, flat]))
+                row, col = np.unravel_index(int(np.argmax(differ)), differ.shape)
+                first = (start + int(row), int(col), int(expected[row, col]), int(got[row, col]))
         nonfinite[rows] = ~np.isfinite(fc_rows(values, fmt, rows)).all(axis=1)
     if first is None:
         return [], nonfinite
@@ -440,7 +448,7 @@ def _float64_diffs(
 
     Returns (window diff, dense diff or None, whether the dense check ran).
     """
-    conversion = layer.weight.conversion
+    conversion = layer.conversion
     kernel, fmt = conversion.kernel, conversion.weight_format
     rng = np.random.default_rng(seed)
     samples = rng.standard_normal((WINDOW_SAMPLES, layer.in_channels, *kernel))

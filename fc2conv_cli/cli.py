@@ -9,13 +9,16 @@ what it would still have written to that pipe is dropped.
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -28,7 +31,11 @@ from fc2conv_cli.errors import (
 )
 
 if TYPE_CHECKING:
-    from fc2conv_cli.pipeline import ConvertOptions, ConvertResult
+    from rich.console import Console
+
+    from fc2conv_cli.api import ConvertResult
+    from fc2conv_cli.layer_map import LayerMap
+    from fc2conv_cli.pipeline import Steps
 
 __all__ = ["cli", "main", "run"]
 
@@ -51,6 +58,61 @@ class _Tolerance(click.ParamType):
         if not math.isfinite(number) or number < 0:
             self.fail(f"expected a finite number >= 0, got {value!r}", param, ctx)
         return number
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_LEVEL = "fc2conv.output_level"  # where a command's -q / -v are kept, in its context's meta
+
+
+@dataclass(frozen=True)
+class _Level:
+    """How much a command prints: ``quiet`` errors only, ``verbose`` notes and timings too."""
+
+    quiet: bool = False
+    verbose: bool = False
+
+
+def _output_options(command: _F) -> _F:
+    """Give a command -q/--quiet and -v/--verbose; read them back with ``_level()``."""
+
+    @functools.wraps(command)
+    def run(*args: Any, quiet: bool, verbose: bool, **kwargs: Any) -> Any:
+        if quiet and verbose:
+            raise click.UsageError("-q/--quiet and -v/--verbose exclude each other")
+        click.get_current_context().meta[_LEVEL] = _Level(quiet, verbose)
+        return command(*args, **kwargs)
+
+    run = click.option(
+        "-v", "--verbose", is_flag=True, help="Also print notes and each step's time."
+    )(run)
+    run = click.option(
+        "-q",
+        "--quiet",
+        is_flag=True,
+        help="Print errors only; the exit code, --json and data on stdout are unchanged.",
+    )(run)
+    return run  # type: ignore[return-value]
+
+
+def _level() -> _Level:
+    context = click.get_current_context(silent=True)
+    return context.meta.get(_LEVEL, _Level()) if context is not None else _Level()
+
+
+def _console(stderr: bool = False) -> Console:
+    """A report console for this command: silent under -q."""
+    from fc2conv_cli.report import make_console
+
+    return make_console(stderr=stderr, quiet=_level().quiet)
+
+
+def _layer_map_arg(map_path: Path) -> Path | LayerMap:
+    """``--map -`` reads the map from stdin; any other value is a path or a shipped name."""
+    if str(map_path) != "-":
+        return map_path
+    from fc2conv_cli.layer_map import LayerMap
+
+    return LayerMap.from_yaml(sys.stdin.read(), "<stdin>")
 
 
 _json_option = click.option(
@@ -152,20 +214,23 @@ def cli() -> None:
 
 
 @cli.command(help=_CONVERT_HELP)
+@_output_options
 @click.argument("input_path", metavar="INPUT", type=_PATH)
 @click.option(
     "--map",
     "map_path",
     required=True,
     type=_PATH,
-    help="YAML layer map (its keys: at the end of this help), or a shipped map's name.",
+    help="YAML layer map (its keys: at the end of this help), a shipped map's name, or - "
+    "to read it from stdin.",
 )
 @click.option(
     "-o",
     "--output",
     required=True,
-    type=_PATH,
-    help="Output .safetensors file; never the input.",
+    type=click.Path(),  # a str: a trailing / (a folder) must survive
+    help="Output .safetensors file (never the input), or a folder (existing, or ending in "
+    "/) for FOLDER/<input stem>.safetensors (a model.json: its folder's name).",
 )
 @_json_option
 @_atol_option
@@ -179,7 +244,7 @@ def cli() -> None:
 def convert(
     input_path: Path,
     map_path: Path,
-    output: Path,
+    output: str,
     json_path: str | None,
     atol: float,
     no_check: bool,
@@ -188,28 +253,46 @@ def convert(
     seed: int,
     input_format: str | None,
 ) -> int:
-    from fc2conv_cli.pipeline import ConvertOptions, convert
+    from fc2conv_cli import api
     from fc2conv_cli.report import check_json_path
 
-    check_json_path(json_path, input_path, map_path, output)
-    options = ConvertOptions(
-        input_path, map_path, output, atol, not no_check, dry_run, force, seed, input_format
-    )
-    return _report_conversion(convert, options, json_path)
+    target = api.output_path(input_path, output)
+    layer_map = _layer_map_arg(map_path)
+    check_json_path(json_path, input_path, map_path, target)
+
+    def run(steps: Steps) -> ConvertResult:
+        return api.convert(
+            input_path,
+            layer_map,
+            output,
+            atol=atol,
+            check=not no_check,
+            dry_run=dry_run,
+            force=force,
+            seed=seed,
+            format=input_format,
+            steps=steps,
+        )
+
+    return _report_conversion(run, input_path, json_path)
 
 
 def _report_conversion(
-    action: Callable[[ConvertOptions], ConvertResult],
-    options: ConvertOptions,
-    json_path: str | None,
+    action: Callable[[Steps], ConvertResult], input_path: Path, json_path: str | None
 ) -> int:
-    """Run ``convert`` or ``verify`` and render its table, notes and JSON."""
+    """Run ``convert`` or ``verify`` with progress, and render its table, notes and JSON."""
     from fc2conv_cli import report
 
-    table_console = report.make_console(stderr=json_path == "-")
-    messages = report.make_console(stderr=True)
+    level = _level()
+    table_console = _console(stderr=json_path == "-")
+    messages = _console(stderr=True)
     try:
-        result = action(options)
+        input_bytes = input_path.stat().st_size
+    except OSError:
+        input_bytes = 0  # the reader says why, in one line
+    try:
+        with report.StepProgress(messages, input_bytes, level.verbose) as steps:
+            result = action(steps)
     except Fc2convError as error:
         failed = getattr(error, "result", None)
         if failed is not None:
@@ -217,10 +300,10 @@ def _report_conversion(
         if json_path:
             report.write_json(json_path, report.error_json(error))
         raise
-    if options.dry_run:
+    if result.options.dry_run:
         report.render_plan(table_console, result)
     report.render_conversion(table_console, result)
-    report.render_notes(messages, result)
+    report.render_notes(messages, result, notes=level.verbose)
     if json_path:
         report.write_json(json_path, report.conversion_json(result))
     return result.exit_code
@@ -246,6 +329,7 @@ Example:
 
 
 @cli.command(help=_INSPECT_HELP)
+@_output_options
 @click.argument("input_path", metavar="INPUT", type=_PATH)
 @click.option("--suggest-map", is_flag=True, help="Suggest a layer map for this checkpoint.")
 @click.option(
@@ -281,9 +365,9 @@ def inspect(
     json_path: str | None,
     input_format: str | None,
 ) -> int:
-    from fc2conv_cli import report
-    from fc2conv_cli.pipeline import inspect
+    from fc2conv_cli import api, report
 
+    started = time.perf_counter()
     suggest_map = suggest_map or map_output is not None or schema_output is not None
     map_to_stdout = suggest_map and map_output is None
     if map_to_stdout and json_path == "-":
@@ -291,15 +375,30 @@ def inspect(
     if schema_output and map_output and schema_output.absolute() == map_output.absolute():
         raise click.UsageError("--schema-out and -o name the same file")
     report.check_json_path(json_path, input_path, map_output, schema_output)
-    result = inspect(
-        input_path, suggest_map, map_output, force, input_format, schema_output, prototxt
+    result = api.inspect(
+        input_path,
+        suggest=suggest_map,
+        map_output=map_output,
+        schema_output=schema_output,
+        force=force,
+        format=input_format,
+        prototxt=prototxt,
     )
-    report.render_inspect(report.make_console(stderr=map_to_stdout or json_path == "-"), result)
-    if map_to_stdout:
+    report.render_inspect(_console(stderr=map_to_stdout or json_path == "-"), result)
+    if map_to_stdout and result.suggestion is not None:
         report.write_stdout(result.suggestion.text)
     if json_path:
-        report.write_json(json_path, report.inspect_json(result))
+        report.write_json(json_path, result.to_json())
+    _timed(started)
     return 0
+
+
+def _timed(started: float) -> None:
+    """Under -v, the command's time on stderr."""
+    if _level().verbose:
+        from rich.text import Text
+
+        _console(stderr=True).print(Text(f"took {time.perf_counter() - started:.3f} s"))
 
 
 _VERIFY_HELP = """Check a CONVERTED file against its ORIGINAL checkpoint and MAP; write nothing.
@@ -321,6 +420,7 @@ Exit codes: 0 all good; 1 any difference (the table and the error line say which
 
 
 @cli.command(help=_VERIFY_HELP)
+@_output_options
 @click.argument("original", type=_PATH)
 @click.argument("converted", type=_PATH)
 @click.option(
@@ -328,7 +428,8 @@ Exit codes: 0 all good; 1 any difference (the table and the error line say which
     "map_path",
     required=True,
     type=_PATH,
-    help="The layer map the file was converted with (a path, or a shipped map's name).",
+    help="The layer map the file was converted with (a path, a shipped map's name, or - "
+    "for stdin).",
 )
 @_json_option
 @_atol_option
@@ -343,12 +444,18 @@ def verify(
     seed: int,
     input_format: str | None,
 ) -> int:
-    from fc2conv_cli.pipeline import ConvertOptions, verify
+    from fc2conv_cli import api
     from fc2conv_cli.report import check_json_path
 
+    layer_map = _layer_map_arg(map_path)
     check_json_path(json_path, original, converted, map_path)
-    options = ConvertOptions(original, map_path, converted, atol, seed=seed, format=input_format)
-    return _report_conversion(verify, options, json_path)
+
+    def run(steps: Steps) -> ConvertResult:
+        return api.verify(
+            original, converted, layer_map, atol=atol, seed=seed, format=input_format, steps=steps
+        )
+
+    return _report_conversion(run, original, json_path)
 
 
 _BATCH_HELP = """Convert many checkpoints: every file of a MANIFEST, or INPUT files with --map.
@@ -414,6 +521,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
 
 
 @cli.command(help=_BATCH_HELP)
+@_output_options
 @click.argument("paths", nargs=-1, required=True, type=_PATH)
 @click.option(
     "--map",
@@ -500,17 +608,19 @@ def batch(
         total, items = len(items), select_shard(items, *shard)
         if not items:
             line = f"shard {shard[0]}/{shard[1]} is empty ({total} files in all); nothing to do"
-            report.make_console(stderr=json_path == "-").print(Text(line), soft_wrap=True)
+            _console(stderr=json_path == "-").print(Text(line), soft_wrap=True)
             if json_path:
                 report.write_json(json_path, report.batch_json(BatchResult((), 0.0)))
             return 0
     jobs = jobs if jobs is not None else available_cpus()
     options = BatchOptions(jobs, force, dry_run, fail_fast, atol, seed, timeout)
-    messages = report.make_console(stderr=True)
+    started = time.perf_counter()
+    messages = _console(stderr=True)
     total_bytes = sum(item.input.stat().st_size for item in items)
     with report.BatchProgress(messages, len(items), total_bytes) as progress:
         result = run_batch(items, options, progress.advance)
-    report.render_batch(report.make_console(stderr=json_path == "-"), result)
+    report.render_batch(_console(stderr=json_path == "-"), result)
+    _timed(started)
     if json_path:
         report.write_json(json_path, report.batch_json(result))
     return result.exit_code
@@ -531,6 +641,7 @@ Examples:
 
 
 @cli.command("sample-configs", help=_SAMPLE_CONFIGS_HELP)
+@_output_options
 @click.argument("name", required=False)
 def sample_configs_command(name: str | None) -> int:
     from fc2conv_cli.layer_map import sample_configs
@@ -574,12 +685,14 @@ runs on a map stay the final word.
 
 
 @cli.command(help=_SCHEMA_HELP)
+@_output_options
 @click.argument("kind", type=click.Choice(["map", "manifest"]))
 def schema(kind: str) -> int:
     from fc2conv_cli.report import write_stdout
     from fc2conv_cli.schema import schema_text
 
     write_stdout(schema_text(kind))
+    return 0
 
 
 _EXPORT_ATOL_DEFAULT = 1e-4  # keep in step with export.DEFAULT_EXPORT_ATOL (a test pins it)
@@ -614,6 +727,7 @@ Exit codes: 0 written, every check passed; 1 a check failed (nothing written);
 
 
 @cli.command(name="export", help=_EXPORT_HELP)
+@_output_options
 @click.argument("checkpoint", type=_PATH)
 @click.option(
     "--model",
@@ -668,7 +782,7 @@ def export_command(
     from fc2conv_cli.export import ExportOptions, export_model, parse_model_args, parse_shape
 
     report.check_json_path(json_path, checkpoint, map_path, output)
-    console = report.make_console(stderr=json_path == "-")
+    console = _console(stderr=json_path == "-")
     try:
         options = ExportOptions(
             model_spec,
@@ -709,6 +823,7 @@ Example:
 
 
 @cli.command(help=_HEATMAP_HELP)
+@_output_options
 @click.argument("model_path", metavar="MODEL", type=_PATH)
 @click.argument("image", type=_PATH)
 @click.option("-o", "--output", required=True, type=_PATH, help="Output .png file.")
@@ -736,7 +851,7 @@ def heatmap(
 
     report.check_json_path(json_path, model_path, image, output)
     result = make_heatmap(model_path, image, output, class_index, top, force)
-    report_export.render_heatmap(report.make_console(stderr=json_path == "-"), result)
+    report_export.render_heatmap(_console(stderr=json_path == "-"), result)
     if json_path:
         report.write_json(json_path, report_export.heatmap_json(result))
     return 0

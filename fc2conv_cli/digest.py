@@ -92,12 +92,15 @@ class FileDigest:
 
     def _run(self) -> None:
         try:
+            fd = self._fd
+            if fd is None:
+                raise ValueError("the file is not open")  # _run starts only once it is
             digest = hashlib.sha256()
             buffer = bytearray(_BLOCK)
             view = memoryview(buffer)
             offset = 0
             while not self._cancelled.is_set():
-                count = _pread_into(self._fd, buffer, offset)
+                count = _pread_into(fd, buffer, offset)
                 if not count:
                     break
                 digest.update(view[:count])  # hashlib releases the GIL for large updates

@@ -549,7 +549,7 @@ def _map_classes(
     return list(keys.values())
 
 
-def _no_map(classes: list, why: str) -> MapGuess:
+def _no_map(classes: list[list[tuple[tuple[int, ...], str]]], why: str) -> MapGuess:
     candidates = tuple(
         MapCandidate(*members[0], 0.0, 0.0, 0.0, 0.0, tuple(members)) for members in classes
     )

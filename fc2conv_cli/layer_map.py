@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import yaml
 
@@ -99,6 +100,36 @@ class LayerMap:
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "<yaml>") -> LayerMap:
+        """Parse and validate map YAML text; ``source`` names it in messages.
+
+        Raises ``MapError`` listing every problem.
+        """
+        return parse_layer_map(text, source)
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], source: str = "<dict>") -> LayerMap:
+        """Validate a map given as plain data (the YAML document's dict).
+
+        Tuples count as lists. ``text`` (recorded in an output's metadata) is the dict
+        dumped as YAML. Raises ``MapError`` listing every problem.
+        """
+        plain = _plain(doc)  # a kernel given as a tuple is a list, as in YAML
+        try:
+            text = yaml.safe_dump(plain, sort_keys=False)
+        except yaml.YAMLError:
+            text = repr(plain)  # the validator names what is not plain data
+        return _Validator(source).layer_map(plain, text)
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike[str]) -> LayerMap:
+        """Read a map file, or a shipped map by its bare name (``vgg16``).
+
+        Raises ``MapError``.
+        """
+        return read_layer_map(Path(path))
+
 
 def sample_configs() -> dict[str, Path]:
     """The shipped sample maps, name (file stem) -> path, sorted by name."""
@@ -164,7 +195,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     with ``<<`` may still be overridden, as the merge key's specification says.
     """
 
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
             first: dict[Any, yaml.Node] = {}
             for key_node, _ in node.value:
@@ -299,8 +330,8 @@ class _Validator:
             return ()
         # The map's spatial rank: from its first well-formed kernel (a malformed one, such
         # as [], is reported as itself, not as a rank that every layout then misses).
-        kernels = [
-            layer.get("kernel")
+        kernels: list[list[int]] = [
+            layer["kernel"]
             for layer in layers
             if isinstance(layer, Mapping) and _is_kernel(layer.get("kernel"))
         ]
@@ -400,7 +431,16 @@ class _Validator:
         return tuple(value)
 
 
-def _is_name(value: Any) -> bool:
+def _plain(value: Any) -> Any:
+    """Mappings and tuples as dicts and lists, so ``yaml.safe_dump`` writes them."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _is_name(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and bool(value.strip())
 
 
@@ -408,7 +448,7 @@ def _is_positive_int(value: Any) -> bool:
     return type(value) is int and value > 0
 
 
-def _is_kernel(value: Any) -> bool:
+def _is_kernel(value: Any) -> TypeGuard[list[int]]:
     return (
         isinstance(value, list) and 1 <= len(value) <= 3 and all(_is_positive_int(v) for v in value)
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from fc2conv_cli import __version__
 from fc2conv_cli.digest import FileDigest, sha256_in_background
@@ -31,7 +31,9 @@ __all__ = [
     "ConvertResult",
     "InspectResult",
     "Provenance",
+    "Steps",
     "convert",
+    "convert_in_memory",
     "inspect",
     "verify",
 ]
@@ -39,6 +41,24 @@ __all__ = [
 # A correct conversion differs by ~1e-12 in float64; a wrong layout or a corrupt byte by
 # orders of magnitude more. 1e-6 leaves room for huge weights without hiding real errors.
 DEFAULT_ATOL = 1e-6
+
+
+class Steps(Protocol):
+    """Told where a conversion is, for progress and timings (``report`` shows them)."""
+
+    def step(self, name: str, total_bytes: int = 0) -> None:
+        """A step begins (the previous one, if any, has ended); ``total_bytes`` it moves."""
+
+    def advance(self, nbytes: int) -> None:
+        """``nbytes`` more of the current step's bytes are done."""
+
+
+class _NoSteps:
+    def step(self, name: str, total_bytes: int = 0) -> None:
+        pass
+
+    def advance(self, nbytes: int) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -54,6 +74,7 @@ class ConvertOptions:
     force: bool = False
     seed: int = 0
     format: str | None = None  # --format: read INPUT as this format, whatever it looks like
+    layer_map: LayerMap | None = None  # the map itself (from the API); else map_path is read
 
 
 @dataclass(frozen=True)
@@ -121,27 +142,38 @@ class ConvertResult:
         return EXIT_OK if self.ok else EXIT_CHECK_FAILED
 
 
-def convert(options: ConvertOptions) -> ConvertResult:
-    """Convert one checkpoint; raises ``InputError`` (2) or ``CheckFailed`` (1)."""
+def convert(options: ConvertOptions, steps: Steps | None = None) -> ConvertResult:
+    """Convert one checkpoint; raises ``InputError`` (2) or ``CheckFailed`` (1).
+
+    ``steps`` is told each step as it begins, and the bytes written and checked.
+    """
     started = time.perf_counter()
-    layer_map = read_layer_map(options.map_path)
+    steps = steps or _NoSteps()
+    steps.step("read map")
+    layer_map = _layer_map(options)
     # A dry run replaces nothing, so an existing output is no reason to refuse it.
     check_output_path(options.input, options.output, options.force or options.dry_run)
     # Hashing runs in a thread from here on, overlapping the torch import and the copy.
     digest = None if options.dry_run else sha256_in_background(options.input)
     try:
-        return _convert(options, layer_map, digest, started)
+        return _convert(options, layer_map, digest, started, steps)
     finally:
         if digest is not None:
             digest.cancel()  # a failed conversion must not keep reading its input
 
 
 def _convert(
-    options: ConvertOptions, layer_map: LayerMap, digest: FileDigest | None, started: float
+    options: ConvertOptions,
+    layer_map: LayerMap,
+    digest: FileDigest | None,
+    started: float,
+    steps: Steps,
 ) -> ConvertResult:
+    steps.step("open")
     with open_checkpoint(
         options.input, layer_map.strip_prefixes, layer_map.state_dict_key, options.format
     ) as source:
+        steps.step("plan")
         plan = build_plan(source.tensors, layer_map, source.weight_format)
         result = ConvertResult(options, source.kind, plan, source.notes)
         if digest is None:  # dry run
@@ -154,14 +186,16 @@ def _convert(
             "layer_map": layer_map.text,
             "layer_map_sha256": layer_map.sha256,
         }
-        staged = write_safetensors(plan, source, options.output, metadata)
+        steps.step("write", sum(t.nbytes for t in plan.tensors))
+        staged = write_safetensors(plan, source, options.output, metadata, steps.advance)
         try:
             result = replace(result, output_bytes=staged.nbytes)
             if options.check:
                 with open_safetensors(staged.temp) as written:
-                    result = _checked(result, source, written)
+                    result = _checked(result, source, written, steps)
             if not result.ok:
                 raise CheckFailed(_failure_message(result), _finish(result, started))
+            steps.step("publish")
             staged.seal(digest.result())
             staged.publish(overwrite=options.force)
         finally:
@@ -225,7 +259,7 @@ def inspect(
     return InspectResult(summary, suggestion)
 
 
-def verify(options: ConvertOptions) -> ConvertResult:
+def verify(options: ConvertOptions, steps: Steps | None = None) -> ConvertResult:
     """Check an existing converted file (``options.output``) against its source and map.
 
     Writes nothing. Every rule's tensors must be present with the planned shapes, hold
@@ -236,9 +270,12 @@ def verify(options: ConvertOptions) -> ConvertResult:
     Raises ``InputError`` (2) or ``CheckFailed`` (1).
     """
     started = time.perf_counter()
-    layer_map = read_layer_map(options.map_path)
+    steps = steps or _NoSteps()
+    steps.step("read map")
+    layer_map = _layer_map(options)
     digest = sha256_in_background(options.input)  # overlaps the checks
     try:
+        steps.step("open")
         with (
             open_checkpoint(
                 options.input, layer_map.strip_prefixes, layer_map.state_dict_key, options.format
@@ -246,6 +283,7 @@ def verify(options: ConvertOptions) -> ConvertResult:
             open_checkpoint(options.output, format="safetensors") as converted,
         ):
             _check_same_file(digest, options.input)
+            steps.step("plan")
             plan = build_plan(source.tensors, layer_map, source.weight_format)
             result = ConvertResult(
                 options,
@@ -255,7 +293,7 @@ def verify(options: ConvertOptions) -> ConvertResult:
                 output_bytes=options.output.stat().st_size,
                 verified=True,
             )
-            result = _checked(result, source, converted)
+            result = _checked(result, source, converted, steps)
         result = replace(result, provenance=_provenance(options, layer_map, digest))
     finally:
         digest.cancel()
@@ -263,6 +301,31 @@ def verify(options: ConvertOptions) -> ConvertResult:
     if not result.ok:
         raise CheckFailed(_failure_message(result), result)
     return result
+
+
+def convert_in_memory(
+    source: Checkpoint, layer_map: LayerMap, options: ConvertOptions
+) -> tuple[ConvertResult, Checkpoint]:
+    """Convert an opened checkpoint into memory: the same plan, tensor data and checks as
+    ``convert`` (unless ``options.check`` is off), and no file. Returns the result and a
+    checkpoint over the written tensors. Raises ``InputError`` (2) or ``CheckFailed`` (1).
+    """
+    from fc2conv_cli.write import write_to_memory
+
+    started = time.perf_counter()
+    plan = build_plan(source.tensors, layer_map, source.weight_format)
+    written = write_to_memory(plan, source)
+    result = ConvertResult(options, source.kind, plan, source.notes)
+    result = replace(result, output_bytes=sum(t.nbytes for t in plan.tensors))
+    if options.check:
+        result = _checked(result, source, written)
+    if not result.ok:
+        raise CheckFailed(_failure_message(result), _finish(result, started))
+    return _finish(result, started), written
+
+
+def _layer_map(options: ConvertOptions) -> LayerMap:
+    return options.layer_map if options.layer_map is not None else read_layer_map(options.map_path)
 
 
 def _provenance(
@@ -281,13 +344,19 @@ def _provenance(
     )
 
 
-def _checked(result: ConvertResult, source: Checkpoint, written: Checkpoint) -> ConvertResult:
+def _checked(
+    result: ConvertResult, source: Checkpoint, written: Checkpoint, steps: Steps | None = None
+) -> ConvertResult:
     # Imported here, with numpy: a --no-check copy needs neither.
     from fc2conv_cli.check import check_written
 
-    options = result.options
+    options, plan = result.options, result.plan
+    steps = steps or _NoSteps()
+    steps.step("check", sum(t.nbytes for t in plan.tensors))
     # Tensors that are missing or misshapen are reported as such; the rest are checked.
-    checked = check_written(result.plan, source, written, options.atol, options.seed)
+    checked = check_written(
+        plan, source, written, options.atol, options.seed, progress=steps.advance
+    )
     return replace(
         result,
         checks=checked.layers,

@@ -85,6 +85,14 @@ class LayerPlan:
     in_features: int
     in_channels: int
 
+    @property
+    def conversion(self) -> Conversion:
+        """How the layer's weight is converted (every layer's weight is)."""
+        conversion = self.weight.conversion
+        if conversion is None:
+            raise ValueError(f"layer {self.rule.name}: its weight has no conversion")
+        return conversion
+
 
 @dataclass(frozen=True)
 class Plan:

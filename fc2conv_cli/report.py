@@ -10,11 +10,13 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -29,14 +31,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PIPE_WIDTH",
+    "PROGRESS_MIN_BYTES",
     "BatchProgress",
+    "StepProgress",
     "batch_json",
     "check_json_path",
     "conversion_json",
     "error_json",
     "flush_stdout",
     "inspect_json",
+    "is_plain",
     "make_console",
+    "new_table",
+    "print_table",
     "render_batch",
     "render_conversion",
     "render_error",
@@ -65,30 +72,73 @@ class _Console(Console):
         _discard_rest(self.file)
 
 
-def make_console(stderr: bool = False) -> Console:
-    """A console for stdout or stderr; colour and width follow the terminal, if any."""
-    console = _Console(stderr=stderr)
-    if not console.is_terminal:
+def make_console(stderr: bool = False, quiet: bool = False) -> Console:
+    """A console for stdout or stderr; colour and width follow the terminal, if any.
+
+    Off a terminal the width is ``COLUMNS`` if set, else ``PIPE_WIDTH``. ``quiet``
+    (``-q``) makes it print nothing.
+    """
+    console = _Console(stderr=stderr, quiet=quiet)
+    if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
         console.width = PIPE_WIDTH
     return console
+
+
+def is_plain(console: Console) -> bool:
+    """True off a terminal when ``NO_COLOR`` or ``TERM=dumb`` is set: tables are then
+    plain text, columns apart by spaces, with no box-drawing characters."""
+    asked = "NO_COLOR" in os.environ or os.environ.get("TERM") == "dumb"
+    return asked and not console.is_terminal
+
+
+def new_table(console: Console, **options: Any) -> Table:
+    """A table in the console's style: boxed, or plain text (``is_plain``)."""
+    if is_plain(console):
+        options.update(box=None, show_edge=False, pad_edge=False)
+    return Table(**options)
+
+
+def print_table(console: Console, table: Table) -> None:
+    """The table if it fits the console's width with every cell whole (no-wrap columns at
+    full width, others at their longest word); else one block per row, its first cell
+    on a line and each other column as ``header: value`` below, so that nothing is ever
+    cut to an ellipsis in a narrow terminal."""
+    unbounded = console.options.update_width(1 << 20)  # get() clips to the width given
+    if Measurement.get(console, unbounded, table).minimum <= console.width:
+        console.print(table)
+        return
+    if table.title:
+        console.print(Text(str(table.title)))
+    columns = [(str(c.header), list(c.cells)) for c in table.columns]
+    for row in range(table.row_count):
+        first = columns[0][1][row]
+        console.print(first if isinstance(first, Text) else Text(str(first)), overflow="fold")
+        for header, cells in columns[1:]:
+            cell = cells[row]
+            line = Text(f"  {header}: ")
+            line.append(cell if isinstance(cell, Text) else Text(str(cell)))
+            console.print(line, overflow="fold")
 
 
 def render_conversion(console: Console, result: ConvertResult) -> None:
     """The table of converted layers with their checks, and a one-line footer."""
     console.print(_title(result))
-    table = Table()
-    table.add_column("layer (source -> output)", no_wrap=True)
+    table = new_table(console)
+    table.add_column("layer (source -> output)", overflow="fold")
     table.add_column("old shape", no_wrap=True)
     table.add_column("new shape", no_wrap=True)
     table.add_column("kernel", no_wrap=True)
-    table.add_column("layout", no_wrap=True)
+    table.add_column("layout")
     table.add_column("bits", no_wrap=True)
-    table.add_column("max |diff| window", justify="right", no_wrap=True)
-    table.add_column("max |diff| dense", justify="right", no_wrap=True)
-    table.add_column("result", no_wrap=True)
+    table.add_column("max |diff| window", justify="right")
+    table.add_column("max |diff| dense", justify="right")
+    table.add_column("result")
     checks = {c.layer: c for c in result.checks}
     for layer in result.plan.layers:
         check = checks.get(layer.rule.name)
+        bits: str | Text
+        window: str | Text
+        dense: str | Text
         if check is None:
             bits = window = dense = "-"
             status = Text("planned" if result.options.dry_run else "not checked", style="yellow")
@@ -101,14 +151,14 @@ def render_conversion(console: Console, result: ConvertResult) -> None:
             Text(f"{layer.weight.source} -> {layer.weight.name}"),
             _shape(layer.source_shape),
             _shape(layer.weight.shape),
-            "x".join(map(str, layer.weight.conversion.kernel)),
-            Text(_layout_cell(layer.weight.conversion)),
+            "x".join(map(str, layer.conversion.kernel)),
+            Text(_layout_cell(layer.conversion)),
             bits,
             window,
             dense,
             status,
         )
-    console.print(table)
+    print_table(console, table)
     for line in _check_lines(result):
         console.print(Text(line), soft_wrap=True)
     for warning in result.provenance_warnings:
@@ -131,11 +181,11 @@ def _check_lines(result: ConvertResult) -> list[str]:
 
 def render_plan(console: Console, result: ConvertResult) -> None:
     """Every output tensor, in file order, and what produces it (for ``--dry-run``)."""
-    table = Table(title="plan: output tensors in file order", title_justify="left")
-    table.add_column("output tensor", no_wrap=True)
+    table = new_table(console, title="plan: output tensors in file order", title_justify="left")
+    table.add_column("output tensor", overflow="fold")
     table.add_column("dtype", no_wrap=True)
     table.add_column("shape", no_wrap=True)
-    table.add_column("from", no_wrap=True)
+    table.add_column("from", overflow="fold", min_width=16)
     for planned in result.plan.tensors:
         conversion = planned.conversion
         if conversion is None:
@@ -148,12 +198,12 @@ def render_plan(console: Console, result: ConvertResult) -> None:
         else:
             action = f"reshape {planned.source} (bytes unchanged)"
         table.add_row(Text(planned.name), planned.dtype, _shape(planned.shape), Text(action))
-    console.print(table)
+    print_table(console, table)
 
 
-def render_notes(console: Console, result: ConvertResult) -> None:
-    """What the reader unwrapped or stripped, and the plan's warnings."""
-    for note in result.notes:
+def render_notes(console: Console, result: ConvertResult, notes: bool = True) -> None:
+    """The plan's warnings and, with ``notes``, what the reader unwrapped or stripped."""
+    for note in result.notes if notes else ():
         console.print(Text(f"note: {note}"))
     for warning in result.plan.warnings:
         console.print(Text(f"warning: {warning}", style="yellow"))
@@ -181,11 +231,11 @@ def conversion_json(result: ConvertResult) -> dict[str, Any]:
                 "output_bias": layer.bias.name if layer.bias else None,
                 "old_shape": list(layer.source_shape),
                 "new_shape": list(layer.weight.shape),
-                "kernel": list(layer.weight.conversion.kernel),
+                "kernel": list(layer.conversion.kernel),
                 "layout": str(layer.rule.layout),
-                "weight_format": layer.weight.conversion.weight_format.value,
-                "conv_format": layer.weight.conversion.conv_format.value,
-                "bytes_unchanged": not layer.weight.conversion.moves_bytes,
+                "weight_format": layer.conversion.weight_format.value,
+                "conv_format": layer.conversion.conv_format.value,
+                "bytes_unchanged": not layer.conversion.moves_bytes,
                 "bits_equal": check.bits_equal if check else None,
                 "mismatches": [_mismatch_json(m) for m in check.mismatches] if check else [],
                 "max_abs_diff": check.max_abs_diff if check else None,
@@ -242,7 +292,9 @@ def _mismatch_json(mismatch: Mismatch) -> dict[str, Any]:
 
 def error_json(error: Fc2convError) -> dict[str, Any]:
     """The machine-readable report of a run that stopped on an error."""
-    report = conversion_json(error.result) if hasattr(error, "result") else {"ok": False}
+    report: dict[str, Any] = (
+        conversion_json(error.result) if hasattr(error, "result") else {"ok": False}
+    )
     report["error"] = {"code": error.code, "message": error.message, "exit_code": error.exit_code}
     return report
 
@@ -337,15 +389,93 @@ class BatchProgress:
         self.console.print(Text(line), soft_wrap=True)
 
 
+# Inputs from about this size get a progress bar on a terminal: smaller ones take seconds.
+PROGRESS_MIN_BYTES = 1 << 30
+
+
+class StepProgress:
+    """Where ``convert`` / ``verify`` are (``pipeline.Steps``), shown as they go.
+
+    On a terminal, for an input of ``PROGRESS_MIN_BYTES`` or more, a live bar per step
+    that moves bytes (bytes done, rate, time left); never in a pipe or a CI log (``CI``
+    set). With ``verbose``, one line per finished step with its time, wherever the
+    output goes. ``timings`` keeps (step, seconds) for the report.
+    """
+
+    def __init__(self, console: Console, input_bytes: int, verbose: bool = False) -> None:
+        self.console = console
+        self.verbose = verbose
+        self.timings: list[tuple[str, float]] = []
+        self._current: tuple[str, float] | None = None
+        self._progress: Any = None
+        self._task: Any = None
+        on_terminal = console.is_terminal and not console.quiet and "CI" not in os.environ
+        if on_terminal and input_bytes >= PROGRESS_MIN_BYTES:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("{task.description:<6}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
+
+    def __enter__(self) -> StepProgress:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._end_step()
+        if self._progress is not None:
+            self._progress.stop()
+
+    def step(self, name: str, total_bytes: int = 0) -> None:
+        """A step begins; the one before it ends (and is timed)."""
+        self._end_step()
+        self._current = (name, time.perf_counter())
+        if self._progress is not None and total_bytes:
+            self._task = self._progress.add_task(name, total=total_bytes)
+
+    def advance(self, nbytes: int) -> None:
+        """``nbytes`` more of the current step are done."""
+        if self._task is not None:
+            self._progress.update(self._task, advance=nbytes)
+
+    def _end_step(self) -> None:
+        if self._current is None:
+            return
+        name, started = self._current
+        seconds = time.perf_counter() - started
+        self.timings.append((name, seconds))
+        self._current = None
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+            self._task = None
+        if self.verbose:
+            self.console.print(Text(f"step {name}: {seconds:.3f} s"), soft_wrap=True)
+
+
 def render_batch(console: Console, result: BatchResult) -> None:
     """The summary table of a batch: one row per file, then the counts."""
-    table = Table()
-    for name in ("input", "output", "status"):
-        table.add_column(name, no_wrap=True)
-    table.add_column("layers", justify="right")
-    table.add_column("max |diff|", justify="right")
-    table.add_column("seconds", justify="right")
-    table.add_column("error")
+    table = new_table(console)
+    for name in ("input", "output"):
+        table.add_column(name, overflow="fold")
+    table.add_column("status", no_wrap=True)
+    table.add_column("layers", justify="right", no_wrap=True)
+    table.add_column("max |diff|", justify="right", no_wrap=True)
+    table.add_column("seconds", justify="right", no_wrap=True)
+    table.add_column("error", min_width=16)
     styles = {True: "green", False: "bold red"}
     for outcome in result.outcomes:
         table.add_row(
@@ -357,7 +487,7 @@ def render_batch(console: Console, result: BatchResult) -> None:
             f"{outcome.seconds:.1f}",
             Text(outcome.error or ""),
         )
-    console.print(table)
+    print_table(console, table)
     counts = ", ".join(f"{n} {status}" for status, n in _counts(result).items())
     console.print(Text(f"{len(result.outcomes)} files: {counts} | {result.seconds:.1f} s"))
 
@@ -389,18 +519,18 @@ def render_inspect(console: Console, result: InspectResult) -> None:
     """The checkpoint's tensor groups, totals, and the suggested map's evidence."""
     summary = result.summary
     console.print(Text(f"fc2conv inspect: {summary.path} ({summary.kind})"))
-    table = Table()
-    table.add_column("group", no_wrap=True)
+    table = new_table(console)
+    table.add_column("group", overflow="fold")
     table.add_column("kind", no_wrap=True)
-    table.add_column("tensors (shape, dtype)")
+    table.add_column("tensors (shape, dtype)", min_width=24)
     table.add_column("size", justify="right", no_wrap=True)
     for group in summary.groups:
-        tensors = "; ".join(
+        tensors = "\n".join(
             f"{_member_name(t.name, group.prefix)} {_shape(t.shape)} {t.dtype}"
             for t in group.tensors
         )
         table.add_row(Text(group.prefix), group.kind, Text(tensors), _size(group.nbytes))
-    console.print(table)
+    print_table(console, table)
     kinds = [g.kind for g in summary.groups]
     console.print(
         Text(

@@ -6,11 +6,11 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from fc2conv_cli import __version__
 from fc2conv_cli.errors import Fc2convError
+from fc2conv_cli.report import new_table, print_table
 
 if TYPE_CHECKING:
     from fc2conv_cli.export import ExportResult
@@ -25,8 +25,9 @@ def render_export(console: Console, result: ExportResult) -> None:
     console.print(
         Text(f"fc2conv export: {options.model} + {options.checkpoint} -> {options.output}")
     )
-    layers = Table(title="layers rewritten as convolutions", title_justify="left")
-    for column in ("module", "Linear weight", "conv weight", "kernel", "layout"):
+    layers = new_table(console, title="layers rewritten as convolutions", title_justify="left")
+    layers.add_column("module", overflow="fold")
+    for column in ("Linear weight", "conv weight", "kernel", "layout"):
         layers.add_column(column, no_wrap=True)
     for layer in result.layers:
         layers.add_row(
@@ -36,11 +37,15 @@ def render_export(console: Console, result: ExportResult) -> None:
             _x(layer.kernel),
             layer.layout,
         )
-    console.print(layers)
+    print_table(console, layers)
     console.print(Text(_geometry_line(result)))
-    proofs = Table(title=f"proofs (proved form: {result.proved})", title_justify="left")
-    for column in ("subject", "check", "shape", "max |diff|", "tolerance", "result"):
-        proofs.add_column(column, no_wrap=column != "check")
+    proofs = new_table(
+        console, title=f"proofs (proved form: {result.proved})", title_justify="left"
+    )
+    proofs.add_column("subject", overflow="fold")
+    proofs.add_column("check")
+    for column in ("shape", "max |diff|", "tolerance", "result"):
+        proofs.add_column(column, no_wrap=True)
     for row in result.proofs:
         proofs.add_row(
             Text(row.subject),
@@ -50,7 +55,7 @@ def render_export(console: Console, result: ExportResult) -> None:
             f"{row.tolerance:.1e}" if row.tolerance else "-",
             Text("ok", style="green") if row.ok else Text("FAILED", style="bold red"),
         )
-    console.print(proofs)
+    print_table(console, proofs)
     for note in result.notes:
         console.print(Text(f"note: {note}"))
     console.print(Text(_footer(result)))
@@ -137,7 +142,7 @@ def export_json(result: ExportResult) -> dict[str, Any]:
 def export_error_json(error: Fc2convError) -> dict[str, Any]:
     """The report of an export that stopped on an error (with its proofs, if any ran)."""
     result = getattr(error, "result", None)
-    report = export_json(result) if result is not None else {"ok": False}
+    report: dict[str, Any] = export_json(result) if result is not None else {"ok": False}
     report["error"] = {"code": error.code, "message": error.message, "exit_code": error.exit_code}
     return report
 

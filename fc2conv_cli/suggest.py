@@ -155,7 +155,8 @@ def suggest_map(
         )
     if not fcs:
         raise InputError(_no_fc_message(source_name, tensors, head))
-    kept, left_out = [], []
+    kept: list[TensorInfo] = []
+    left_out: list[TensorInfo] = []
     for fc in fcs:
         (left_out if _io(fc, checkpoint)[0] in sizes else kept).append(fc)
     for fc in left_out:
@@ -169,7 +170,7 @@ def suggest_map(
         raise InputError(
             f"{source_name}: no FC head to convert: every FC weight is a recurrent, attention "
             f"or per-position layer, or reads one's size "
-            f"({', '.join(shown(t.name) for t in left_out[:3] or recurrent[:3])})"
+            f"({', '.join(shown(n) for n in [t.name for t in left_out[:3]] or recurrent[:3])})"
         )
     roots = [  # an FC no other FC feeds (a square FC does not feed itself)
         t
@@ -580,7 +581,7 @@ def _from_weights(
                 f"Map shape from the conv kernels ({'x'.join(map(str, shape))}), layout from "
                 f"the weights: {layout}, confidence {best.confidence:.2f}."
             )
-        if layout_source:
+        if layout_source and reading is not None:
             said = (
                 f"Layout {reading.how} ({layout}); map shape from the weights: "
                 f"{_label(shape, layout)}, confidence {best.confidence:.2f}."

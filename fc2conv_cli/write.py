@@ -19,11 +19,15 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fc2conv_cli.errors import InternalError, OutputError, shown
 from fc2conv_cli.layout import WeightFormat
 from fc2conv_cli.plan import Plan, PlannedTensor
 from fc2conv_cli.readers import Checkpoint
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = [
     "CHUNK_BYTES",
@@ -35,6 +39,7 @@ __all__ = [
     "remove_temp_files",
     "write_safetensors",
     "write_text",
+    "write_to_memory",
 ]
 
 # Bytes are copied and converted in pieces of this size, so memory stays flat whatever
@@ -84,6 +89,8 @@ class StagedFile:
     def seal(self, source_sha256: str) -> None:
         """Write the final header with the source's digest and make the file durable."""
         fd = self._fd
+        if fd is None:
+            raise ValueError("the staged file is sealed already")
         try:
             header = self._seal_header(source_sha256)
             os.pwrite(fd, header, 0)
@@ -164,14 +171,19 @@ def check_output_path(source: Path, target: Path, overwrite: bool) -> None:
 
 
 def write_safetensors(
-    plan: Plan, checkpoint: Checkpoint, target: Path, metadata: Mapping[str, str]
+    plan: Plan,
+    checkpoint: Checkpoint,
+    target: Path,
+    metadata: Mapping[str, str],
+    progress: Callable[[int], None] | None = None,
 ) -> StagedFile:
     """Write ``plan`` to a temp file beside ``target``; returns it staged, not published.
 
     ``metadata`` goes into ``__metadata__`` with ``conversion_version``; ``source_sha256``
     is added by ``seal`` (the digest of a large input may still be computing while the data
-    is written and checked). Raises ``OutputError`` on any OS error; the temp file is
-    removed on every failure, whatever the exception.
+    is written and checked). ``progress`` is called with the bytes of each piece of data
+    written. Raises ``OutputError`` on any OS error; the temp file is removed on every
+    failure, whatever the exception.
     """
     written = {**metadata, CONVERSION_KEY: str(CONVERSION_VERSION)}
 
@@ -190,8 +202,9 @@ def write_safetensors(
     try:
         with open(fd, "wb", closefd=False) as file:
             file.write(header("0" * 64))
+            out = file if progress is None else _Counted(file, progress)
             for planned in plan.tensors:
-                _write_tensor(file, planned, checkpoint)
+                _write_tensor(out, planned, checkpoint)
             size = file.tell()
         flushing = _flush_in_background(fd)
     except OSError as exc:
@@ -204,6 +217,60 @@ def write_safetensors(
         raise
     index = {t.name: (t.dtype, tuple(t.shape)) for t in plan.tensors}
     return StagedFile(temp, target, size, fd, header, flushing, index, dict(written))
+
+
+def write_to_memory(plan: Plan, checkpoint: Checkpoint) -> Checkpoint:
+    """The planned tensors, written as ``write_safetensors`` writes their data, into one
+    writable in-memory buffer: a ``Checkpoint`` over it (kind ``safetensors``) that the
+    checks read as they read a staged file. No file is written."""
+    from fc2conv_cli.readers import TensorInfo
+
+    memory = _MemoryFile(sum(t.nbytes for t in plan.tensors))
+    offsets = {}
+    for planned in plan.tensors:
+        start = memory.offset
+        _write_tensor(memory, planned, checkpoint)
+        if memory.offset - start != planned.nbytes:
+            raise InternalError(
+                f"{shown(planned.name)}: wrote {memory.offset - start} bytes, "
+                f"planned {planned.nbytes}; this is a bug, please report it"
+            )
+        offsets[planned.name] = (start, memory.offset)
+    tensors = {t.name: TensorInfo(t.name, t.dtype, tuple(t.shape)) for t in plan.tensors}
+    buffers = {name: memory.view[a:b] for name, (a, b) in offsets.items()}
+    return Checkpoint(Path("<memory>"), "safetensors", tensors, buffers, ())
+
+
+class _Counted:
+    """A file whose writes are reported, by their size, to a progress callback."""
+
+    def __init__(self, file: BinaryIO, progress: Callable[[int], None]) -> None:
+        self._file = file
+        self._progress = progress
+
+    def write(self, data: Buffer) -> int:
+        count = self._file.write(data)
+        self._progress(count)
+        return count
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)  # flush, fileno, tell: the file's own
+
+
+class _MemoryFile:
+    """A preallocated bytearray that ``_write_tensor`` writes into as into a file."""
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+        self.view = memoryview(self.data)
+        self.offset = 0
+
+    def write(self, data: Buffer) -> int:
+        chunk = memoryview(data).cast("B")
+        end = self.offset + chunk.nbytes
+        self.view[self.offset : end] = chunk
+        self.offset = end
+        return chunk.nbytes
 
 
 def write_text(target: Path, text: str, overwrite: bool) -> None:
@@ -252,7 +319,10 @@ def _header(plan: Plan, metadata: Mapping[str, str]) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
-def _write_tensor(file, planned: PlannedTensor, checkpoint: Checkpoint) -> None:
+def _write_tensor(
+    file: BinaryIO | _MemoryFile | _Counted, planned: PlannedTensor, checkpoint: Checkpoint
+) -> None:
+    """Write one planned tensor's bytes to ``file`` (a staged file, or memory)."""
     conversion = planned.conversion
     if conversion is None or not conversion.moves_bytes:
         raw = checkpoint.raw(planned.source)

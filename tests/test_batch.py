@@ -1147,12 +1147,12 @@ SLOW_PATCH = """
 _original_write_safetensors = write_safetensors
 
 
-def write_safetensors(plan, source, output, metadata):  # noqa: F811 - the test's slow writer
+def write_safetensors(plan, source, output, metadata, *rest):  # noqa: F811 - a slow writer
     import os as _os
     import time as _time
     from pathlib import Path as _Path
 
-    staged = _original_write_safetensors(plan, source, output, metadata)
+    staged = _original_write_safetensors(plan, source, output, metadata, *rest)
     if source.path.name.startswith("slow"):
         _Path(_os.environ["FC2CONV_TEST_STAGED"]).write_text(f"{_os.getpid()} {staged.temp}")
         _time.sleep(600)

@@ -34,6 +34,7 @@ ORDER = [
     "export",
     "report",
     "report_export",
+    "api",  # after report: to_json() is report's JSON; before cli, a thin layer over it
     "cli",
 ]
 

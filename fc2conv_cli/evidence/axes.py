@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 __all__ = ["Axes", "WalkProblem"]
 
@@ -71,13 +72,14 @@ class Axes:
                 return self.flatten(1)
         if None in self.sizes[1:] or -1 in dims[1:]:
             raise WalkProblem(f"a reshape to {target} with unknown sizes")
+        known = cast("tuple[int, ...]", self.sizes)  # every size but the batch's, checked
         groups, start = [], 1
-        for d in dims[1:]:
+        for d in cast("list[int]", dims[1:]):
             stop, product = start, 1
-            while stop < len(self.sizes) and product < d:
-                product *= self.sizes[stop]
+            while stop < len(known) and product < d:
+                product *= known[stop]
                 stop += 1
-            while stop < len(self.sizes) and self.sizes[stop] == 1 and product == d and d != 1:
+            while stop < len(known) and known[stop] == 1 and product == d and d != 1:
                 stop += 1  # unit axes join the group before them
             if product != d:
                 raise WalkProblem(f"a reshape to {target} splits an axis")
@@ -98,4 +100,4 @@ class Axes:
 
 
 def _product(sizes: tuple[int | None, ...]) -> int | None:
-    return None if None in sizes else math.prod(sizes)
+    return None if None in sizes else math.prod(cast("tuple[int, ...]", sizes))

@@ -9,7 +9,7 @@ the InnerProduct's bottom, which Caffe flattens ``chw`` (axis 1 onwards).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 from fc2conv_cli.evidence.reading import Reading
 from fc2conv_cli.layout import SPATIAL_AXES, WeightFormat
@@ -32,7 +32,7 @@ def read_caffe(net: dict[str, Any], layer: str, how: str = _HOW) -> Reading:
     if target is None:
         return Reading("graph", how, problem=f"no layer {layer!r} in the net")
     fmt = WeightFormat.IN_OUT if target["params"].get("transpose") else WeightFormat.OUT_IN
-    base = {"weight_format": fmt}
+    base: dict[str, Any] = {"weight_format": fmt}
     if not shapes:
         return Reading("graph", how, problem="the net gives no input shape", **base)
     walked: list[str] = []
@@ -43,7 +43,7 @@ def read_caffe(net: dict[str, Any], layer: str, how: str = _HOW) -> Reading:
         _forward(entry, shapes, flattened)
         walked.append(f"{entry['type']} {entry['name']}")
     bottom = target["bottom"][0] if target["bottom"] else None
-    shape = shapes.get(bottom)
+    shape = shapes.get(bottom) if bottom is not None else None
     if shape is not None and len(shape) == 2 and bottom in flattened:
         shape = flattened[bottom]
     if shape is None or len(shape) < 2:
@@ -72,9 +72,10 @@ def read_caffe(net: dict[str, Any], layer: str, how: str = _HOW) -> Reading:
 def _forward(entry: dict[str, Any], shapes: dict[str, list[int]], flattened: dict) -> None:
     """Set the shapes of ``entry``'s tops (unknown where the layer is not followed)."""
     kind, params = entry["type"], entry["params"]
-    ins = [shapes.get(b) for b in entry["bottom"]]
-    if not entry["top"] or any(s is None for s in ins) or not ins:
+    found = [shapes.get(b) for b in entry["bottom"]]
+    if not entry["top"] or any(s is None for s in found) or not found:
         return  # a data layer or a branch we cannot size: leave its tops unknown
+    ins = cast("list[list[int]]", found)  # every shape known, checked just above
     first = ins[0]
     if kind in _KEEP:
         out = list(first)

@@ -37,7 +37,7 @@ _KEEP = ("BatchNormalization", "Activation", "ReLU", "LeakyReLU", "PReLU", "ELU"
 def read_keras(model: Any, layer: str, family: str) -> Reading:
     """The Dense ``layer``'s input, from a model config dict (``{"class_name", "config"}``)."""
     how = f"read from the {family} config"
-    base = {"weight_format": WeightFormat.IN_OUT}
+    base: dict[str, Any] = {"weight_format": WeightFormat.IN_OUT}
     layers, problem = _layers(model)
     if problem:
         return Reading("config", how, problem=problem, **base)
@@ -212,7 +212,7 @@ def _sliding(axes: Axes, kind: str, config: dict) -> Axes:
     strides = _per_axis(config.get("strides") or (kernel if kind in _POOL else 1), rank)
     dilation = _per_axis(config.get("dilation_rate") or 1, rank)
     padding = config.get("padding", "valid")
-    sizes = list(axes.sizes)
+    sizes: list[Any] = list(axes.sizes)  # known where they are used: the walk checked
     for j, i in enumerate(spatial):
         size, span = sizes[i], (kernel[j] - 1) * dilation[j] + 1
         if padding == "same":
@@ -242,7 +242,7 @@ def _pad(axes: Axes, amount: Any, sign: int) -> Axes:
     spatial = _spatial_index(axes)
     if isinstance(amount, int):
         amount = [amount] * len(spatial)
-    sizes = list(axes.sizes)
+    sizes: list[Any] = list(axes.sizes)  # known where they are used: the walk checked
     for j, i in enumerate(spatial):
         part = amount[j] if j < len(amount) else 0
         total = sum(part) if isinstance(part, list | tuple) else 2 * int(part)
@@ -270,7 +270,7 @@ def _flatten(axes: Axes, fmt: str | None) -> Axes:
 
 def _channels_and_shape(axes: Axes) -> tuple[int | None, tuple[int, ...] | None]:
     """Channels and spatial sizes (canonical order) of the map before it was flattened."""
-    size = {label: s for label, s in zip(axes.labels, axes.sizes, strict=True)}
+    size: dict[str, Any] = dict(zip(axes.labels, axes.sizes, strict=True))
     letters = [label for label in axes.labels if label and label in "dhwl"]
     if "c" not in size or not letters:
         return None, None

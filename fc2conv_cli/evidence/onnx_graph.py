@@ -11,7 +11,7 @@ with a problem: the suggestion then falls back to the weights.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fc2conv_cli.evidence.axes import Axes, WalkProblem
 from fc2conv_cli.evidence.reading import Reading
@@ -56,7 +56,7 @@ def read_onnx(graph: dict[str, Any], fc_weight: str, checkpoint: Checkpoint) -> 
         walked.append(node)
         value = node["inputs"][0]
     names = (*(_name(n) for n in reversed(walked)), _name(fc))
-    base = {"weight_format": weight_format, "nodes": names, "bias": bias}
+    base: dict[str, Any] = {"weight_format": weight_format, "nodes": names, "bias": bias}
     if node is None:
         return Reading("graph", _HOW, **base, problem=f"{_name(fc)} reads graph input {value!r}")
     op = node["op_type"]
@@ -138,7 +138,8 @@ def _int_shape(shape: Any) -> list[int] | None:
         return None
     if not all(isinstance(s, int) and s > 0 for s in shape[1:]):
         return None
-    return [s if isinstance(s, int) else None for s in shape]
+    sizes: list[Any] = [s if isinstance(s, int) else None for s in shape]  # batch: maybe None
+    return sizes
 
 
 def _conv_rank(node: dict[str, Any], checkpoint: Checkpoint) -> int:
@@ -207,7 +208,7 @@ def _apply(
         and not isinstance(inferred, list)
         and rest
         and None not in rest
-        and math.prod(rest) == in_features
+        and math.prod(cast("tuple[int, ...]", rest)) == in_features
     ):
         return axes.flatten(1)  # x.view(x.size(0), -1) right before the FC
     if target is None:  # a computed shape (Shape -> Gather -> Concat): use the inferred one

@@ -50,7 +50,7 @@ def read_tfjs_graph(topology: dict[str, Any], fc_weight: str, checkpoint: Checkp
         walked.append(node)
         value = _inputs(node)[0]
     names = (*(f"{n['op']} {n['name']}" for n in reversed(walked)), f"{fc['op']} {fc['name']}")
-    base = {"weight_format": fmt, "nodes": names}
+    base: dict[str, Any] = {"weight_format": fmt, "nodes": names}
     if node is None or node.get("op") == "Placeholder":
         return Reading("graph", _HOW, **base, problem=f"{fc['name']} reads the model input")
     if node.get("op") in _OPAQUE:
@@ -94,7 +94,7 @@ def _attr(node: dict[str, Any], key: str, default: Any) -> Any:
     return default
 
 
-def _data_format(node: dict, by_name: dict, steps: int = 8) -> str:
+def _data_format(node: Any, by_name: dict, steps: int = 8) -> str:
     for _ in range(steps):
         fmt = _attr(node, "data_format", None)
         if isinstance(fmt, str) and fmt:
@@ -106,7 +106,7 @@ def _data_format(node: dict, by_name: dict, steps: int = 8) -> str:
     return "NHWC"
 
 
-def _rank(node: dict, by_name: dict, checkpoint: Checkpoint, steps: int = 8) -> int:
+def _rank(node: Any, by_name: dict, checkpoint: Checkpoint, steps: int = 8) -> int:
     for _ in range(steps):
         for name in _inputs(node)[1:]:
             info = checkpoint.tensors.get(name)

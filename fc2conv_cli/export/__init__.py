@@ -272,7 +272,7 @@ def _onnx_ops_row(subject: str, ops: list[str]) -> ProofRow:
 
 
 def _converted(layer: LayerPlan) -> ConvertedLayer:
-    conversion = layer.weight.conversion
+    conversion = layer.conversion
     return ConvertedLayer(
         layer.rule.name,
         layer.source_shape,

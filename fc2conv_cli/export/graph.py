@@ -13,7 +13,7 @@ from __future__ import annotations
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fc2conv_cli.export.model import ModelError
 from fc2conv_cli.layout import SPATIAL_AXES, WeightFormat
@@ -133,7 +133,7 @@ def _shape(node: Any) -> tuple[int, ...] | None:
 def _kind(node: fx.Node, modules: dict[str, Any]) -> str:
     """A short name for what a node does: module class, function or method name."""
     if node.op == "call_module":
-        return type(modules[node.target]).__name__
+        return type(modules[str(node.target)]).__name__
     if node.op == "call_function":
         return getattr(node.target, "__name__", str(node.target))
     return str(node.target)
@@ -149,12 +149,12 @@ def _is_layout_op(node: fx.Node, modules: dict[str, Any]) -> bool:
             "reshape",
             "transpose",
         }
-    return node.op == "call_module" and type(modules[node.target]).__name__ == "Flatten"
+    return node.op == "call_module" and type(modules[str(node.target)]).__name__ == "Flatten"
 
 
 def _is_passthrough(node: fx.Node, modules: dict[str, Any]) -> bool:
     if node.op == "call_module":
-        return type(modules[node.target]).__name__ in _PASSTHROUGH_MODULES
+        return type(modules[str(node.target)]).__name__ in _PASSTHROUGH_MODULES
     return node.op == "call_function" and getattr(node.target, "__name__", "") == "dropout"
 
 
@@ -218,7 +218,7 @@ def _derive_layout(
     """Follow the axes of ``feature`` (N, C, *spatial) through permutes and reshapes."""
     letters = "c" + SPATIAL_AXES[ndim]
     dims: list[tuple[str, ...]] = [("n",), *((a,) for a in letters)]
-    sizes = list(_shape(feature))
+    sizes = list(_shape(feature) or ())
     for node in nodes:
         out = list(_shape(node) or ())
         kind = _kind(node, modules)
@@ -226,7 +226,7 @@ def _derive_layout(
             perm = _perm_args(node)
             dims = [dims[p] for p in perm]
         elif kind == "transpose":
-            a, b = (int(v) % len(dims) for v in node.args[1:3])
+            a, b = (int(v) % len(dims) for v in cast(Any, node.args)[1:3])
             dims[a], dims[b] = dims[b], dims[a]
         elif kind == "contiguous":
             pass
@@ -242,7 +242,7 @@ def _derive_layout(
 
 
 def _perm_args(node: fx.Node) -> list[int]:
-    args = node.args[1:]
+    args: Any = node.args[1:]
     if len(args) == 1 and isinstance(args[0], (list, tuple)):
         args = args[0]
     if not args:
@@ -280,14 +280,14 @@ def _regroup(
 def _remove_pool(gm: fx.GraphModule, head: Head, feature: fx.Node, modules: dict[str, Any]) -> None:
     """An adaptive pool before the flatten: the identity at --input-shape, or refused."""
     if feature.op == "call_module":
-        kind = type(modules[feature.target]).__name__
+        kind = type(modules[str(feature.target)]).__name__
     elif feature.op == "call_function":
         kind = getattr(feature.target, "__name__", "")
     else:
         return
     if not kind.lower().startswith(_ADAPTIVE_POOLS):
         return
-    source = feature.args[0]
+    source: Any = feature.args[0]
     before, after = _shape(source), _shape(feature)
     where = f"{feature.target if feature.op == 'call_module' else feature.name} ({kind})"
     if before != after:
@@ -298,7 +298,7 @@ def _remove_pool(gm: fx.GraphModule, head: Head, feature: fx.Node, modules: dict
         )
     head.pool = f"{where}: the identity at --input-shape ({_size(before)} in and out), removed"
     head.feature = source.name
-    head.feature_shape = before
+    head.feature_shape = cast("tuple[int, ...]", before)  # equal to after, a known shape
 
 
 def _size(shape: tuple[int, ...] | None) -> str:
@@ -336,7 +336,7 @@ def _classify_linears(
     for node in gm.graph.nodes:
         if node not in downstream or node.target in first:
             continue
-        if node.op == "call_module" and isinstance(modules[node.target], torch.nn.Linear):
+        if node.op == "call_module" and isinstance(modules[str(node.target)], torch.nn.Linear):
             if node.target not in calls:
                 raise ModelError(
                     f"module {node.target!r} (nn.Linear) follows the flatten but the map does "
@@ -398,7 +398,7 @@ def rewrite(
 
 
 def _check_kernel(layer: LayerPlan, channels: int, spatial: tuple[int, ...]) -> None:
-    conversion = layer.weight.conversion
+    conversion = layer.conversion
     if tuple(conversion.kernel) != tuple(spatial) or conversion.in_channels != channels:
         raise ModelError(
             f"map layer {layer.rule.name!r}: kernel {list(conversion.kernel)} with in_channels "
@@ -414,7 +414,7 @@ def _swap_linear(
     import torch
 
     linear = gm.get_submodule(name)
-    conversion = layer.weight.conversion
+    conversion = layer.conversion
     if conversion.weight_format is not WeightFormat.OUT_IN:
         raise ModelError(
             f"map layer {name!r}: weight_format {conversion.weight_format.value}, but it is a "
@@ -631,7 +631,7 @@ def _window(node: fx.Node, modules: dict[str, Any], ndim: int):
         return tuple(value) if isinstance(value, (list, tuple)) else (int(value),) * ndim
 
     if node.op == "call_module":
-        module = modules[node.target]
+        module = modules[str(node.target)]
         if isinstance(module, torch.nn.modules.conv._ConvNd):
             k = tup(module.kernel_size, 1)
             d = tup(module.dilation, 1)
@@ -657,13 +657,13 @@ def _window(node: fx.Node, modules: dict[str, Any], ndim: int):
         name = getattr(node.target, "__name__", "")
         if name.startswith(("max_pool", "avg_pool")) or name in {"conv1d", "conv2d", "conv3d"}:
             normalized = node.normalized_arguments(
-                node.graph.owning_module, normalize_to_only_use_kwargs=True
+                cast(Any, node.graph.owning_module), normalize_to_only_use_kwargs=True
             )
             if normalized is None:
                 return None
             kw = normalized.kwargs
             if name.startswith("conv"):
-                weight_shape = _shape(kw["weight"])
+                weight_shape = cast("tuple[int, ...]", _shape(kw["weight"]))
                 k = tuple(weight_shape[2:])
             else:
                 k = tup(kw.get("kernel_size"), 1)

@@ -89,6 +89,8 @@ def _import(where: str, spec: str) -> Any:
             raise ModelError(f"--model {spec!r}: no such file {path}")
         name = f"fc2conv_user_model_{abs(hash(str(path.resolve())))}"
         module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ModelError(f"--model {spec!r}: {path} cannot be imported as a module")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module  # dataclasses and pickling look modules up by name
         try:

@@ -91,9 +91,7 @@ def reference(
             size = input_shape[1:]
             crops = _assemble(
                 [
-                    leaves(
-                        model(dense_input[(..., *_crop(at, geometry.stride, size))].contiguous())
-                    )
+                    leaves(model(dense_input[_crop(at, geometry.stride, size)].contiguous()))
                     for at in itertools.product(*map(range, grid))
                 ],
                 grid,
@@ -103,12 +101,13 @@ def reference(
 
 def _window(feature: torch.Tensor, at: tuple[int, ...], kernel: tuple[int, ...]) -> torch.Tensor:
     """The window of the feature map at ``at``, contiguous as a backbone's output is."""
-    index = (..., *(slice(i, i + k) for i, k in zip(at, kernel, strict=True)))
+    index: tuple[Any, ...] = (..., *(slice(i, i + k) for i, k in zip(at, kernel, strict=True)))
     return feature[index].contiguous()
 
 
-def _crop(at: tuple[int, ...], stride: tuple[int, ...], size: tuple[int, ...]) -> list[slice]:
-    return [slice(i * s, i * s + n) for i, s, n in zip(at, stride, size, strict=True)]
+def _crop(at: tuple[int, ...], stride: tuple[int, ...], size: tuple[int, ...]) -> tuple[Any, ...]:
+    """The index of the crop at grid position ``at``: every leading axis, then the window."""
+    return (..., *(slice(i * s, i * s + n) for i, s, n in zip(at, stride, size, strict=True)))
 
 
 def _split(gm: fx.GraphModule, head: Head, x: torch.Tensor):

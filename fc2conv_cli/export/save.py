@@ -143,7 +143,7 @@ def _pt2(gm, example, native, metadata, notes, temp: Path) -> None:
         from torch.fx.experimental import _config
 
         try:
-            with _config.patch(backed_size_oblivious=True):
+            with _config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
                 program = torch.export.export(gm, (example,), dynamic_shapes=shapes)
         except Exception:
             raise first from None

@@ -19,6 +19,7 @@ from fc2conv_cli.readers.base import (
     Checkpoint,
     Loaded,
     TensorInfo,
+    loaded_from_arrays,
     numpy_dtype,
     tensor_nbytes,
 )
@@ -30,10 +31,13 @@ __all__ = [
     "FORMATS",
     "PREFIXES",
     "Checkpoint",
+    "Loaded",
     "TensorInfo",
     "detect_format",
+    "loaded_from_arrays",
     "numpy_dtype",
     "open_checkpoint",
+    "open_loaded",
     "open_safetensors",
     "read_safetensors_metadata",
     "tensor_nbytes",
@@ -78,6 +82,16 @@ def open_checkpoint(
             raise
         raise CheckpointError(f"{path}: reading {kind} files is not supported yet") from None
     loaded: Loaded = reader.read(path, state_dict_key)
+    return open_loaded(path, loaded, strip_prefixes)
+
+
+def open_loaded(path: Path, loaded: Loaded, strip_prefixes: tuple[str, ...] = ()) -> Checkpoint:
+    """The ``Checkpoint`` over what a reader found (or ``loaded_from_arrays`` built from
+    tensors in memory): prefixes stripped as ``open_checkpoint`` does, names checked.
+
+    ``path`` names the source in messages. Raises ``CheckpointError`` (and closes
+    ``loaded``).
+    """
     try:
         renamed, strip_notes = _strip_prefixes(path, list(loaded.tensors), strip_prefixes)
         _refuse_unstorable_names(path, list(renamed.values()))
@@ -91,7 +105,7 @@ def open_checkpoint(
     buffers = _RenamedBuffers(loaded.buffers, {new: old for old, new in renamed.items()})
     return Checkpoint(
         path,
-        kind,
+        loaded.format,
         tensors,
         buffers,
         loaded.notes + strip_notes,

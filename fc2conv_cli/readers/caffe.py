@@ -298,7 +298,7 @@ def _wire_types(descriptor: Any) -> dict[int, tuple[int, ...]]:
         F.TYPE_STRING: _LENGTH, F.TYPE_BYTES: _LENGTH, F.TYPE_MESSAGE: _LENGTH,
         F.TYPE_GROUP: _GROUP_START,
     }  # fmt: skip
-    allowed = {}
+    allowed: dict[int, tuple[int, ...]] = {}
     for fd in descriptor.fields:
         wire = kinds.get(fd.type, _VARINT)
         # FieldDescriptor.label is gone from newer runtimes; is_repeated is new in 5.x.
@@ -562,7 +562,7 @@ def graph_of(
     """The net as plain data (see the module docstring); ``layers`` are its layer messages,
     ``blob_counts`` how many blobs each holds (default: the messages' own ``blobs``)."""
     inputs = _net_inputs(net)
-    entries = []
+    entries: list[dict[str, Any]] = []
     counts = blob_counts if blob_counts is not None else [len(m.blobs) for m in layers]
     for message, count in zip(layers, counts, strict=True):
         kind = _layer_type(message, version)
@@ -602,7 +602,8 @@ def _net_inputs(net: Any) -> list[dict[str, Any]]:
     names = list(net.input)
     shapes: list[list[int] | None] = [None] * len(names)
     if net.input_shape:
-        shapes = [list(s.dim) for s in net.input_shape] + shapes[len(net.input_shape) :]
+        given: list[list[int] | None] = [list(s.dim) for s in net.input_shape]
+        shapes = given + shapes[len(net.input_shape) :]
     elif net.input_dim:
         dims = list(net.input_dim)
         shapes = [dims[4 * i : 4 * i + 4] or None for i in range(len(names))]

@@ -82,12 +82,13 @@ def parse_proto(text: str, name: str) -> descriptor_pb2.FileDescriptorProto:
 
 
 def _tokenize(text: str) -> list[tuple[str, str]]:
-    tokens, pos = [], 0
+    tokens: list[tuple[str, str]] = []
+    pos = 0
     while pos < len(text):
         match = _TOKENS.match(text, pos)
         if match is None:
             raise ValueError(f"caffe.proto: cannot read {text[pos : pos + 20]!r}")
-        if match.lastgroup != "skip":
+        if match.lastgroup is not None and match.lastgroup != "skip":
             tokens.append((match.lastgroup, match.group()))
         pos = match.end()
     return tokens

@@ -112,7 +112,7 @@ def _read_npy(path: Path, file: IO[bytes], state_dict_key: str | None) -> Loaded
     mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
     view = memoryview(mapped)
     data = view[header.length : header.length + header.nbytes]
-    notes = (f"a single array, named {name!r} after the file",)
+    notes: tuple[str, ...] = (f"a single array, named {name!r} after the file",)
     notes += _order_notes(
         [name] if header.fortran else [], [name] if _big_endian(header.dtype) else []
     )
@@ -388,9 +388,9 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
 
     # numpy's own rebuild functions, found from what its objects reduce to, under every
     # module path numpy 1.x and 2.x write.
-    reconstruct = np.zeros(1).__reduce__()[0]
-    scalar = np.float32(0).__reduce__()[0]
-    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+    reconstruct: Any = np.zeros(1).__reduce__()[0]
+    scalar: Any = np.float32(0).__reduce__()[0]
+    frombuffer: Any = np.zeros(1).__reduce_ex__(5)[0]
 
     def rebuild(subtype: Any, shape: Any, dtype_char: Any) -> Any:
         if subtype is not _NdarrayType:

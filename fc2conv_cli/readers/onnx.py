@@ -169,7 +169,7 @@ class _Parsed:
     sparse_count: int
 
 
-def _parse(path: Path, data: Any, onnx: Any, decode_error: type) -> _Parsed:
+def _parse(path: Path, data: Any, onnx: Any, decode_error: type[Exception]) -> _Parsed:
     """Walk the model's fields; parse all but the tensor payloads with protobuf."""
     bad = f"{path}: not a valid ONNX model"
     try:
@@ -189,11 +189,12 @@ def _parse(path: Path, data: Any, onnx: Any, decode_error: type) -> _Parsed:
         )
         model = onnx.ModelProto.FromString(top)
         graph = onnx.GraphProto.FromString(graph_bytes)
-        initializers = []
+        initializers: list[tuple[Any, tuple[int, int] | None]] = []
         for span in parts["initializer"]:
             rest, raw = _split(data, [span], {_TENSOR_RAW_DATA: "raw"}, "TensorProto")
             # protobuf semantics: the last occurrence of a scalar field wins.
-            initializers.append((onnx.TensorProto.FromString(rest), (raw["raw"] or [None])[-1]))
+            raw_span = raw["raw"][-1] if raw["raw"] else None
+            initializers.append((onnx.TensorProto.FromString(rest), raw_span))
     except _Malformed as exc:
         raise CheckpointError(f"{bad}: {exc}") from None
     except decode_error as exc:

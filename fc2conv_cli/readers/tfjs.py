@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 
 from fc2conv_cli.errors import CheckpointError, shown
 from fc2conv_cli.layout import WeightFormat
@@ -301,7 +301,7 @@ def _spec(path: Path, weight: Any, offset: int, group: _Group) -> _Spec:
             f"{where}: unknown dtype {_brief(dtype)}; expected one of "
             f"{', '.join((*DTYPES, 'string'))}"
         )
-    return _Spec(name, dtype, tuple(shape), offset, stop, quantization)
+    return _Spec(name, cast(str, dtype), tuple(shape), offset, stop, quantization)
 
 
 def _itemsize(dtype: str) -> int:
@@ -416,7 +416,7 @@ def _matmul_hints(graph: dict[str, Any] | None) -> dict[str, WeightFormat]:
         inputs = node.get("input")
         if not isinstance(inputs, list) or len(inputs) < 2 or not isinstance(inputs[1], str):
             continue
-        attr = node.get("attr") if isinstance(node.get("attr"), dict) else {}
+        attr: dict[str, Any] = node["attr"] if isinstance(node.get("attr"), dict) else {}
         flag = attr.get("transpose_b")
         transposed = isinstance(flag, dict) and flag.get("b") is True
         weight = re.sub(r":0$", "", inputs[1])

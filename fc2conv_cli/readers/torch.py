@@ -16,7 +16,14 @@ from typing import Any
 from fc2conv_cli.errors import CheckpointError
 from fc2conv_cli.readers.base import Loaded, TensorInfo, import_extra
 
-__all__ = ["WRAPPER_KEYS", "read", "state_dict_names", "unwrap_state_dict"]
+__all__ = [
+    "WRAPPER_KEYS",
+    "loaded_from_tensors",
+    "read",
+    "state_dict_names",
+    "torch_dtype",
+    "unwrap_state_dict",
+]
 
 # Keys under which training checkpoints nest their state dict, in the order tried.
 WRAPPER_KEYS = (
@@ -70,11 +77,24 @@ def read(path: Path, state_dict_key: str | None = None) -> Loaded:
     if mmap_ok:
         _check_zip_entries(path, obj, torch.Tensor)
     state, notes = unwrap_state_dict(path, obj, state_dict_key, torch.Tensor)
+    return loaded_from_tensors(path, state_dict_names(path, state), notes)
+
+
+def loaded_from_tensors(
+    path: Path, state: Mapping[str, Any], notes: tuple[str, ...] = ()
+) -> Loaded:
+    """A ``Loaded`` over torch tensors by name (a file's state dict, or one in memory).
+
+    Entries that are not tensors are left out, with a note; the bytes are the tensors'
+    own (CPU, contiguous), not copies where avoidable. Raises ``CheckpointError`` for a
+    tensor safetensors cannot store, or when no tensor is left.
+    """
+    torch = import_extra("torch", path, "torch")
     codes = {getattr(torch, n): c for n, c in _DTYPE_CODES.items() if hasattr(torch, n)}
     tensors: dict[str, TensorInfo] = {}
     buffers: dict[str, Any] = {}
     left_out = []
-    for name, value in state_dict_names(path, state).items():
+    for name, value in state.items():
         if not isinstance(value, torch.Tensor):
             left_out.append(name)
             continue
@@ -84,7 +104,7 @@ def read(path: Path, state_dict_key: str | None = None) -> Loaded:
                 f"{path}: tensor {name!r}: {value.dtype} ({value.layout}) cannot be stored in "
                 "safetensors"
             )
-        data = value.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         tensors[name] = TensorInfo(name, code, tuple(value.shape))
         buffers[name] = data.data
     if left_out:
@@ -92,6 +112,16 @@ def read(path: Path, state_dict_key: str | None = None) -> Loaded:
     if not tensors:
         raise CheckpointError(f"{path}: no tensors found in the checkpoint")
     return Loaded("torch", tensors, buffers, notes, buffers.clear)
+
+
+def torch_dtype(code: str) -> Any:
+    """The torch dtype of a safetensors dtype code; ``ValueError`` if torch has none."""
+    import torch
+
+    for name, known in _DTYPE_CODES.items():
+        if known == code and hasattr(torch, name):
+            return getattr(torch, name)
+    raise ValueError(f"torch {torch.__version__} has no dtype for {code}")
 
 
 def state_dict_names(path: Path, state: Mapping) -> dict[str, Any]:
