@@ -1,6 +1,6 @@
 """fc2conv: turn the fully-connected head of a CNN checkpoint into convolution weights.
 
-The Python API (see ``fc2conv_cli.api`` and docs/api.md)::
+The Python API (see ``fc2conv_cli.api`` and the README's "Python API")::
 
     import fc2conv_cli as fc2conv
 

@@ -50,6 +50,7 @@ __all__ = [
     "render_inspect",
     "render_notes",
     "render_plan",
+    "size_text",
     "write_json",
     "write_stdout",
 ]
@@ -529,12 +530,13 @@ def render_inspect(console: Console, result: InspectResult) -> None:
             f"{_member_name(t.name, group.prefix)} {_shape(t.shape)} {t.dtype}"
             for t in group.tensors
         )
-        table.add_row(Text(group.prefix), group.kind, Text(tensors), _size(group.nbytes))
+        table.add_row(Text(group.prefix), group.kind, Text(tensors), size_text(group.nbytes))
     print_table(console, table)
     kinds = [g.kind for g in summary.groups]
     console.print(
         Text(
-            f"{summary.tensor_count} tensors in {len(kinds)} groups | {_size(summary.nbytes)} | "
+            f"{summary.tensor_count} tensors in {len(kinds)} groups | "
+            f"{size_text(summary.nbytes)} | "
             f"conv backbone: {kinds.count('conv')} layers | FC head: {kinds.count('fc')} layers"
         )
     )
@@ -720,7 +722,7 @@ def _footer(result: ConvertResult) -> str:
     else:
         same = "byte-identical" if result.checked and not result.copy_mismatches else "unchecked"
         parts.append(f"{copied} tensors copied ({same})")
-        parts.append(f"output {_size(result.output_bytes)}")
+        parts.append(f"output {size_text(result.output_bytes)}")
         if not result.checked:
             parts.append("checks skipped (--no-check)")
         elif result.ok:
@@ -765,7 +767,8 @@ def _diff(value: float | None) -> Text:
     )
 
 
-def _size(nbytes: int) -> str:
+def size_text(nbytes: int) -> str:
+    """A byte count for people: ``512 B``, ``1.5 KiB``, ``527.8 MiB``."""
     if nbytes < 1024:
         return f"{nbytes} B"
     exponent = min(3, int(math.log(nbytes, 1024)))

@@ -10,7 +10,7 @@ from rich.text import Text
 
 from fc2conv_cli import __version__
 from fc2conv_cli.errors import Fc2convError
-from fc2conv_cli.report import new_table, print_table
+from fc2conv_cli.report import new_table, print_table, size_text
 
 if TYPE_CHECKING:
     from fc2conv_cli.export import ExportResult
@@ -79,8 +79,8 @@ def _geometry_line(result: ExportResult) -> str:
 def _footer(result: ExportResult) -> str:
     if result.published:
         return (
-            f"wrote {result.options.output} ({result.kind}, {_size(result.output_bytes)}): every "
-            f"check passed | {result.seconds:.2f} s"
+            f"wrote {result.options.output} ({result.kind}, "
+            f"{size_text(result.output_bytes)}): every check passed | {result.seconds:.2f} s"
         )
     return f"nothing written: a check failed | {result.seconds:.2f} s"
 
@@ -190,10 +190,3 @@ def _diff(value: float | None, not_numeric: bool = False) -> Text:
     if value is None or not math.isfinite(value):
         return Text("n/a", style="red")
     return Text(f"{value:.1e}")
-
-
-def _size(nbytes: int) -> str:
-    if nbytes < 1024:
-        return f"{nbytes} B"
-    exponent = min(3, int(math.log(nbytes, 1024)))
-    return f"{nbytes / 1024**exponent:.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"

@@ -35,6 +35,7 @@ __all__ = [
     "CONVERSION_VERSION",
     "StagedFile",
     "check_output_path",
+    "check_writable",
     "is_temp_file",
     "remove_temp_files",
     "write_safetensors",
@@ -159,8 +160,14 @@ def check_output_path(source: Path, target: Path, overwrite: bool) -> None:
         target.exists() and source.exists() and os.path.samefile(target, source)
     ):
         raise OutputError(f"{target}: is the input file; choose another output path")
+    check_writable(target, overwrite, ".safetensors")
+
+
+def check_writable(target: Path, overwrite: bool, suffix: str) -> None:
+    """Refuse a target that is a folder, exists (unless ``overwrite``), or whose folder is
+    missing or not writable; ``suffix`` is the file name ending the message suggests."""
     if target.is_dir():
-        raise OutputError(f"{target}: is a directory; give a file name ending in .safetensors")
+        raise OutputError(f"{target}: is a directory; give a file name ending in {suffix}")
     if target.exists() and not overwrite:
         raise OutputError(f"{target}: already exists; pass --force to replace it")
     folder = target.parent

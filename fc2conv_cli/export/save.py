@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from fc2conv_cli.errors import InputError, OutputError
 from fc2conv_cli.export.model import ModelError
+from fc2conv_cli.write import check_writable
 
 if TYPE_CHECKING:
     import torch
@@ -45,15 +46,7 @@ def check_target(target: Path, overwrite: bool) -> str:
     kind = FORMATS.get(target.suffix.lower())
     if kind is None:
         raise OutputError(f"{target}: the output must end in .pt2 (torch.export) or .onnx")
-    if target.is_dir():
-        raise OutputError(f"{target}: is a directory; give a file name ending in .pt2 or .onnx")
-    if target.exists() and not overwrite:
-        raise OutputError(f"{target}: already exists; pass --force to replace it")
-    folder = target.parent
-    if not folder.is_dir():
-        raise OutputError(f"{target}: output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{target}: output folder {folder} is not writable")
+    check_writable(target, overwrite, ".pt2 or .onnx")
     return kind
 
 
