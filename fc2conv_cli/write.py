@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import math
 import os
@@ -260,6 +261,14 @@ class _Counted:
         self._progress(count)
         return count
 
+    @property
+    def raw_file(self) -> BinaryIO:
+        return self._file
+
+    def report(self, count: int) -> None:
+        """``count`` bytes were written past ``write`` (by the kernel)."""
+        self._progress(count)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._file, name)  # flush, fileno, tell: the file's own
 
@@ -326,6 +335,41 @@ def _header(plan: Plan, metadata: Mapping[str, str]) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
+def _copy_in_kernel(file: object, source_fd: int, offset: int, count: int) -> bool:
+    """Copy ``count`` bytes at ``offset`` of ``source_fd`` to the end of ``file`` with
+    ``copy_file_range``: no page faults on the input's map and no pass through user space
+    (VGG16 here: 0.15-0.19 s against 0.17-0.48 s for writes from the map). False, having
+    written nothing, where the kernel or the filesystems cannot; the caller then writes
+    the bytes itself."""
+    if isinstance(file, _Counted):  # a progress bar counts what the kernel copies too
+        in_kernel = _copy_in_kernel(file.raw_file, source_fd, offset, count)
+        if in_kernel:
+            file.report(count)
+        return in_kernel
+    if not hasattr(os, "copy_file_range") or not isinstance(file, io.BufferedWriter):
+        return False  # in memory
+    file.flush()
+    target, position, done = file.fileno(), file.tell(), 0
+    while done < count:
+        try:
+            copied = os.copy_file_range(
+                source_fd, target, count - done, offset + done, position + done
+            )
+        except OSError as exc:
+            if done == 0 and exc.errno in _NO_KERNEL_COPY:
+                return False
+            raise
+        if copied == 0:
+            raise OSError(errno.EIO, "the input ended early (truncated while being read?)")
+        done += copied
+    file.seek(position + count)
+    return True
+
+
+# copy_file_range cannot do it here: across filesystems (old kernels), unsupported.
+_NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF)
+
+
 def _write_tensor(
     file: BinaryIO | _MemoryFile | _Counted, planned: PlannedTensor, checkpoint: Checkpoint
 ) -> None:
@@ -333,6 +377,9 @@ def _write_tensor(
     conversion = planned.conversion
     if conversion is None or not conversion.moves_bytes:
         raw = checkpoint.raw(planned.source)
+        span = checkpoint.file_span(planned.source)
+        if span is not None and _copy_in_kernel(file, *span, len(raw)):
+            return
         for start in range(0, len(raw), CHUNK_BYTES):
             file.write(raw[start : start + CHUNK_BYTES])
         return

@@ -758,3 +758,40 @@ def test_temp_names_are_recognised(tmp_path):
     assert not is_temp_file(target)
     assert not is_temp_file(tmp_path / ".model.safetensors")
     assert not is_temp_file(tmp_path / "model.tmp.safetensors")
+
+
+@pytest.mark.parametrize(
+    "kernel",
+    ["copies", "cannot (EXDEV)", "cannot (ENOSYS)", "fails (EIO)", "input ends early"],
+)
+def test_byte_copies_stay_in_the_kernel_where_it_can(tmp_path, run_cli, monkeypatch, kernel):
+    """copy_file_range for bytes that do not change; where it cannot, the same bytes by
+    writes; where it fails, exit 2 and nothing left."""
+    source, layer_map = _case(tmp_path)
+    _convert(run_cli, source, layer_map, tmp_path / "written.safetensors", "--no-check")
+    expected = (tmp_path / "written.safetensors").read_bytes()
+    original, calls = os.copy_file_range, []
+
+    def copy_file_range(src, dst, count, offset_src=None, offset_dst=None):
+        calls.append(count)
+        if kernel.startswith("cannot"):
+            code = errno.EXDEV if "EXDEV" in kernel else errno.ENOSYS
+            raise OSError(code, os.strerror(code))
+        if kernel == "fails (EIO)":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        if kernel == "input ends early":
+            return 0
+        return original(src, dst, count, offset_src, offset_dst)
+
+    monkeypatch.setattr(os, "copy_file_range", copy_file_range)
+    output = tmp_path / "out.safetensors"
+    outcome = run_cli("convert", source, "--map", layer_map, "-o", output)
+    assert calls  # the byte copies were offered to the kernel
+    if kernel in ("copies",) or kernel.startswith("cannot"):
+        assert outcome.code == 0, outcome.stderr
+        assert output.read_bytes()[:8] == expected[:8]
+        assert _split(output)[2] == _split(tmp_path / "written.safetensors")[2]
+    else:
+        assert outcome.code == 2 and len(outcome.stderr.strip().splitlines()) == 1
+        assert "cannot write" in outcome.stderr
+        assert not output.exists() and _temp_files(tmp_path) == []

@@ -112,6 +112,8 @@ def open_loaded(path: Path, loaded: Loaded, strip_prefixes: tuple[str, ...] = ()
         loaded.close,
         loaded.weight_format,
         loaded.graph,
+        loaded.file_fd,
+        {renamed[n]: offset for n, offset in loaded.file_offsets.items()},
     )
 
 
@@ -137,7 +139,16 @@ def open_safetensors(path: Path) -> Checkpoint:
     from fc2conv_cli.readers import safetensors
 
     loaded = safetensors.read(path)
-    return Checkpoint(path, "safetensors", loaded.tensors, loaded.buffers, (), loaded.close)
+    return Checkpoint(
+        path,
+        "safetensors",
+        loaded.tensors,
+        loaded.buffers,
+        (),
+        loaded.close,
+        file_fd=loaded.file_fd,
+        file_offsets=loaded.file_offsets,
+    )
 
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:

@@ -145,7 +145,10 @@ class Loaded:
     close: Callable[[], None] = lambda: None
     weight_format: WeightFormat = WeightFormat.OUT_IN
     graph: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Where a tensor's bytes lie as they are in the file (an open descriptor, kept until
+    # ``close``, and each such tensor's byte offset), so a byte copy can stay in the kernel.
+    file_fd: int | None = None
+    file_offsets: Mapping[str, int] = field(default_factory=dict)
 
 
 def loaded_from_arrays(
@@ -209,6 +212,8 @@ class Checkpoint:
         closer: Callable[[], None] = lambda: None,
         weight_format: WeightFormat = WeightFormat.OUT_IN,
         graph: Any = None,
+        file_fd: int | None = None,
+        file_offsets: Mapping[str, int] | None = None,
     ) -> None:
         self.path = path
         self.kind = kind
@@ -218,10 +223,18 @@ class Checkpoint:
         self.graph = graph
         self._buffers = buffers
         self._closer = closer
+        self._file_fd = file_fd
+        self._file_offsets = file_offsets or {}
 
     def raw(self, name: str) -> memoryview:
         """The tensor's bytes, row-major, as a zero-copy unsigned-byte memoryview."""
         return self._buffers[name]
+
+    def file_span(self, name: str) -> tuple[int, int] | None:
+        """(open descriptor, byte offset) of the tensor's bytes as stored in the file, or
+        None where they are not stored as ``raw`` gives them (decoded, or in memory)."""
+        offset = self._file_offsets.get(name)
+        return None if offset is None or self._file_fd is None else (self._file_fd, offset)
 
     def array(self, name: str) -> np.ndarray:
         """The tensor as a read-only numpy array of its own dtype and shape (no copy)."""

@@ -25,6 +25,7 @@ def read(path: Path, state_dict_key: str | None = None) -> Loaded:
         data_len = os.fstat(file.fileno()).st_size - 8 - header_len
         tensors, spans = _validate_header(header, data_len, f"{path}: not a valid safetensors file")
         mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        fd = os.dup(file.fileno())  # the same open file as the map, for in-kernel copies
     view = memoryview(mapped)
     start = 8 + header_len
     buffers = {name: view[start + a : start + b] for name, (a, b) in spans.items()}
@@ -32,11 +33,13 @@ def read(path: Path, state_dict_key: str | None = None) -> Loaded:
     def close() -> None:
         buffers.clear()
         view.release()
+        os.close(fd)
         # An array may still view the map; it is then unmapped when that array is freed.
         with contextlib.suppress(BufferError):
             mapped.close()
 
-    return Loaded("safetensors", tensors, buffers, (), close)
+    offsets = {name: start + a for name, (a, _) in spans.items()}
+    return Loaded("safetensors", tensors, buffers, (), close, file_fd=fd, file_offsets=offsets)
 
 
 def read_metadata(path: Path) -> dict[str, str]:
