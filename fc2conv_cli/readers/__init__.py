@@ -67,20 +67,14 @@ def open_checkpoint(
     """
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
-    if not path.is_file() and not path.is_dir():
-        raise CheckpointError(f"{path}: not a regular file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file")
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"{path}: not readable (permission denied)")
     kind = detect_format(path, format)
-    module = f"fc2conv_cli.readers.{kind}"
-    try:
-        reader = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        raise CheckpointError(f"{path}: reading {kind} files is not supported yet") from None
+    reader = importlib.import_module(f"fc2conv_cli.readers.{kind}")
     loaded: Loaded = reader.read(path, state_dict_key)
     return open_loaded(path, loaded, strip_prefixes)
 
