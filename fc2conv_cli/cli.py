@@ -74,6 +74,36 @@ _format_option = click.option(
     type=click.Choice(_FORMATS),
     help="Read the input as this format; by default it is found from the content, then the suffix.",
 )
+_DTYPES = ("float32", "float16", "bfloat16")  # layer_map.DTYPES (a test keeps them in step)
+_dtype_options = (
+    click.option(
+        "--dtype",
+        type=click.Choice(_DTYPES),
+        help="Cast every floating tensor to this dtype (round to nearest even); overrides "
+        "the map's dtype:. A value that overflows, or a nonzero tensor flushed to zero, is "
+        "an error (exit 2).",
+    ),
+    click.option(
+        "--dtype-scope",
+        type=click.Choice(["all", "converted"]),
+        default="all",
+        show_default=True,
+        help="Cast all floating tensors, or only the converted layers' (copies stay as they are).",
+    ),
+    click.option(
+        "--allow-overflow",
+        is_flag=True,
+        help="Write a cast's overflows as inf (and tensors flushed to zero) instead of refusing.",
+    ),
+)
+
+
+def _dtype_option(command: Callable) -> Callable:
+    for option in reversed(_dtype_options):
+        command = option(command)
+    return command
+
+
 _seed_option = click.option(
     "--seed",
     type=click.IntRange(min=0),
@@ -173,6 +203,7 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @_seed_option
 @_format_option
+@_dtype_option
 def convert(
     input_path: Path,
     map_path: Path,
@@ -184,13 +215,27 @@ def convert(
     force: bool,
     seed: int,
     input_format: str | None,
+    dtype: str | None,
+    dtype_scope: str,
+    allow_overflow: bool,
 ) -> int:
     from fc2conv_cli.pipeline import ConvertOptions, convert
     from fc2conv_cli.report import check_json_path
 
     check_json_path(json_path, input_path, map_path, output)
     options = ConvertOptions(
-        input_path, map_path, output, atol, not no_check, dry_run, force, seed, input_format
+        input_path,
+        map_path,
+        output,
+        atol,
+        not no_check,
+        dry_run,
+        force,
+        seed,
+        input_format,
+        dtype,
+        dtype_scope,
+        allow_overflow,
     )
     return _report_conversion(convert, options, json_path)
 
@@ -448,6 +493,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
     help="Read the INPUT files (with --map) as this format; in a manifest, give a job "
     "group a format: key instead. By default each file's is found from its content.",
 )
+@_dtype_option
 def batch(
     paths: tuple[Path, ...],
     map_path: Path | None,
@@ -462,6 +508,9 @@ def batch(
     atol: float,
     seed: int,
     input_format: str | None,
+    dtype: str | None,
+    dtype_scope: str,
+    allow_overflow: bool,
 ) -> int:
     from rich.text import Text
 
@@ -493,7 +542,9 @@ def batch(
                 report.write_json(json_path, report.batch_json(BatchResult((), 0.0)))
             return 0
     jobs = jobs if jobs is not None else available_cpus()
-    options = BatchOptions(jobs, force, dry_run, fail_fast, atol, seed, timeout)
+    options = BatchOptions(
+        jobs, force, dry_run, fail_fast, atol, seed, timeout, dtype, dtype_scope, allow_overflow
+    )
     messages = report.make_console(stderr=True)
     total_bytes = sum(item.input.stat().st_size for item in items)
     with report.BatchProgress(messages, len(items), total_bytes) as progress:
