@@ -143,6 +143,10 @@ sample-configs); `fc2conv schema map` prints its JSON Schema, for editors.
                            hwio (Keras / TF)
   strip_prefix: module.    a prefix, or a list, removed from every tensor name
   state_dict_key: model    the nested state dict of a training checkpoint
+  direction: fc_to_conv    or conv_to_fc: the rules name convs (kernel exactly
+                           the first rule's kernel), written as FC weights
+  dtype: float16           cast floating tensors (float32, float16, bfloat16;
+                           round to nearest even); --dtype overrides it
   layers:                  required: the FC layers, first FC first
     - name: classifier.0   required: finds NAME.weight or NAME/kernel (or
                            :0 variants) and the matching bias, if any
@@ -155,6 +159,16 @@ sample-configs); `fc2conv schema map` prints its JSON Schema, for editors.
       conv_format: hwio    conv_format override the map's
       weight: fc1/kernel   full tensor names, when NAME does not find them
       bias: fc1/bias
+      fold_batchnorm: {name: classifier.1, eps: 0.001}
+                           fold the BatchNorm after this layer into it;
+                           eps default: torch 1e-5, Keras 1e-3 / its config
+      fold_batchnorm_before: {name: head.bn}
+                           fold a BatchNorm on the layer's input (over the
+                           flat features, or the channels) into it
+      outputs: "1:1001"    last layer only: keep these outputs (a slice, or
+                           a list such as [0, 5, 7])
+      fold_spatial: sum    first layer only: sum the kernel into a 1x1 conv,
+                           exact only on a replicated map (docs/algebra.md)
 
 \b
 Example map (shipped as vgg16):
@@ -404,6 +418,7 @@ under output_dir with the suffix .safetensors):
     - inputs: "web/**/model.json"
       map: web.yaml
       format: tfjs
+      dtype: float16        # optional: cast this group's outputs
 
 Each file's format is found as `convert` finds it, or named by its group's optional
 format: key (--format for INPUT files). Without format:, a glob takes the files whose

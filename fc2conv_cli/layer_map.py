@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import math
 import re
 import reprlib
 from collections.abc import Mapping
@@ -70,6 +69,7 @@ _FOLD_KEYS = ("name", "eps")
 DIRECTIONS = ("fc_to_conv", "conv_to_fc")
 # Output dtypes a cast may target (map ``dtype:``, ``--dtype``) and their safetensors codes.
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+EPS_MAX = 1.0e300  # a BatchNorm's largest eps (schema.py says the same)
 # ``outputs: "1:1001"``: a Python slice with non-negative bounds and a positive step.
 OUTPUT_SLICE = re.compile(r"([0-9]*):([0-9]*)(?::([1-9][0-9]*))?")
 _FORMATS = ", ".join(f.value for f in WeightFormat)
@@ -319,7 +319,7 @@ class _Validator:
                     f"{self.source}: {where}: {key}: unknown key {extra!r}; allowed: name, eps"
                 )
         eps = value.get("eps")
-        if eps is not None and not (type(eps) in (int, float) and math.isfinite(eps) and eps > 0):
+        if eps is not None and not (type(eps) in (int, float) and 0 < eps <= EPS_MAX):
             self.problem(where, f"{key}.eps", "a number > 0 (write 1.0e-5, not 1e-5)", eps)
             eps = None
         return BatchNormSpec(value["name"], None if eps is None else float(eps))
