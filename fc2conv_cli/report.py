@@ -93,12 +93,16 @@ def render_conversion(console: Console, result: ConvertResult) -> None:
             bits = window = dense = "-"
             status = Text("planned" if result.options.dry_run else "not checked", style="yellow")
         else:
-            bits = _bits(check.bits_equal) if check.bits_equal is not None else Text(check.proof)
+            bits = (
+                _bits(check.bits_equal)
+                if check.bits_equal is not None
+                else Text(check.proof.removeprefix("float64, "), style="cyan")
+            )
             window = _diff(check.max_abs_diff)
             dense = _diff(check.dense_max_abs_diff) if check.dense_checked else "n/a (1x1)"
             status = Text("ok", style="green") if check.ok else Text("FAILED", style="bold red")
         table.add_row(
-            Text(_layer_cell(layer)),
+            Text(f"{layer.weight.source} -> {layer.weight.name}"),
             _shape(layer.source_shape),
             _shape(layer.weight.shape),
             "x".join(map(str, layer.weight.conversion.kernel)),
@@ -116,12 +120,6 @@ def render_conversion(console: Console, result: ConvertResult) -> None:
     console.print(Text(_footer(result)), soft_wrap=True)
 
 
-def _layer_cell(layer: LayerPlan) -> str:
-    """``source -> output``, and what the layer does beyond moving values, if anything."""
-    cell = f"{layer.weight.source} -> {layer.weight.name}"
-    return f"{cell} [{'; '.join(layer.operations)}]" if layer.operations else cell
-
-
 def _operation_lines(result: ConvertResult) -> list[str]:
     """Under the table: each layer's folded tensors, kept outputs and cast."""
     lines = []
@@ -129,8 +127,15 @@ def _operation_lines(result: ConvertResult) -> list[str]:
         name = layer.rule.name
         for fold in layer.folds:
             lines.append(
-                f"{name}: folded BatchNorm {fold.name} {fold.position} the layer (eps "
-                f"{fold.eps:g}, {fold.eps_from}): {', '.join(fold.tensors)} left out"
+                f"{name}: {layer.proof}: BatchNorm {fold.name} {fold.position} the layer "
+                f"(eps {fold.eps:g}, {fold.eps_from}) folded in; {', '.join(fold.tensors)} "
+                "left out"
+            )
+        if layer.weight.conversion.fold_spatial:
+            kernel = "x".join(map(str, layer.weight.conversion.kernel))
+            lines.append(
+                f"{name}: {layer.proof}: the {kernel} kernel summed into a 1x1 conv (exact "
+                "only where the map is replicated)"
             )
         if layer.out_features != layer.source_out_features:
             lines.append(
@@ -171,8 +176,9 @@ def render_plan(console: Console, result: ConvertResult) -> None:
         action = _plan_action(planned)
         table.add_row(Text(planned.name), planned.dtype, _shape(planned.shape), Text(action))
     console.print(table)
-    for name in result.plan.folded:
-        console.print(Text(f"folded (not in the output): {name}"), soft_wrap=True)
+    if result.plan.folded:
+        folded = ", ".join(result.plan.folded)
+        console.print(Text(f"folded (not in the output): {folded}"), soft_wrap=True)
 
 
 def _plan_action(planned: PlannedTensor) -> str:
@@ -180,6 +186,8 @@ def _plan_action(planned: PlannedTensor) -> str:
     conversion = planned.conversion
     if planned.source is None:
         action = "new bias"
+    elif conversion is None and planned.steps:
+        action = f"from {planned.source}"
     elif conversion is None:
         action = "copy" if planned.source == planned.name else f"copy {planned.source}"
     elif conversion.direction == "conv_to_fc":
@@ -188,13 +196,12 @@ def _plan_action(planned: PlannedTensor) -> str:
             f"{conversion.weight_format.value}, {conversion.layout}"
             f"{': bytes move' if conversion.moves_bytes else ': bytes unchanged'})"
         )
-    elif conversion.moves_bytes and not conversion.fold_spatial:
+    elif conversion.moves_bytes or planned.steps:
+        moved = "" if planned.steps else ": bytes move"
         action = (
             f"convert {planned.source} ({conversion.weight_format.value}, "
-            f"{conversion.layout} -> {conversion.conv_format.value}: bytes move)"
+            f"{conversion.layout} -> {conversion.conv_format.value}{moved})"
         )
-    elif conversion.fold_spatial:
-        action = f"convert {planned.source} ({conversion.weight_format.value}, {conversion.layout})"
     else:
         action = f"reshape {planned.source} (bytes unchanged)"
     steps = "; ".join(step.describe() for step in planned.steps)
