@@ -139,9 +139,9 @@ class _Computed:
         rows = None
         if self.planned.conversion is not None:
             rows = np.arange(self._source.shape[0])[t_key[0]]
-            if self._rows is not None:
+            if self._rows is not None:  # a gather of the kept rows; else a plain slice
                 rows = np.asarray(self._rows.indices)[t_key[0]]
-            source_key[0] = rows
+                source_key[0] = rows
         if self._sum is not None:
             source_key[2:] = [slice(None)] * (len(source_key) - 2)
         values = self._source[tuple(source_key)].astype(np.float64)

@@ -281,7 +281,7 @@ class _Validator:
         if direction not in DIRECTIONS:
             self.problem("top level", "direction", f"one of {', '.join(DIRECTIONS)}", direction)
         dtype = doc.get("dtype")
-        if dtype is not None and dtype not in DTYPES:
+        if dtype is not None and not (isinstance(dtype, str) and dtype in DTYPES):
             self.problem("top level", "dtype", f"one of {', '.join(DTYPES)}", dtype)
         rules = self.rules(doc.get("layers"), layout, weight_format, conv_format)
         self.across_rules(rules, direction)

@@ -137,7 +137,7 @@ def _expand_job(
         )
         kind = None  # report the glob's problems too, as if no format were given
     dtype = job.get("dtype")
-    if dtype is not None and dtype not in DTYPES:
+    if dtype is not None and not (isinstance(dtype, str) and dtype in DTYPES):
         problems.append(f"{where}: dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     if not isinstance(pattern, str) or not pattern.strip():
         problems.append(f"{where}: inputs: expected a glob such as 'vgg16/**/*.pth'")

@@ -665,7 +665,7 @@ def _all_ok(result: ConvertResult) -> str:
     exact = "every moved value bit-exact" + (
         " (against an independent cast)" if result.plan.dtype else ""
     )
-    folded = f", {len(computed)} computed layers" if computed else ""
+    folded = f", computed layers ({len(computed)})" if computed else ""
     return f"{exact}{folded}, float64{where} within the dtype-scaled bound"
 
 
