@@ -534,3 +534,64 @@ def test_the_dry_run_plan_shows_every_operation(run_cli, tmp_path):
         "head.1.weight", "head.1.bias", "head.1.running_mean", "head.1.running_var",
         "head.1.num_batches_tracked",
     ]  # fmt: skip
+
+
+def test_batch_casts_per_group_and_converts_again_when_the_cast_changes(run_cli, tmp_path):
+    rng = np.random.default_rng(11)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        save_file(
+            {"fc.weight": rng.standard_normal((4, 18)).astype(np.float32)},
+            str(tmp_path / name / "m.safetensors"),
+        )
+    (tmp_path / "map.yaml").write_text(
+        "version: 1\nlayout: chw\nlayers:\n  - {name: fc, kernel: [3, 3]}\n"
+    )
+    (tmp_path / "manifest.yaml").write_text(
+        "version: 1\noutput_dir: out\njobs:\n"
+        "  - {inputs: 'a/*.safetensors', map: map.yaml, dtype: float16}\n"
+        "  - {inputs: 'b/*.safetensors', map: map.yaml}\n"
+    )
+    manifest = tmp_path / "manifest.yaml"
+
+    def statuses(*extra):
+        outcome = run_cli("batch", manifest, "--jobs", 1, "--json", "-", *extra)
+        assert outcome.code == 0, outcome.stderr
+        return [f["status"] for f in json.loads(outcome.stdout)["files"]]
+
+    assert statuses() == ["converted", "converted"]
+    written = {n: load_file(str(tmp_path / "out" / n / "m.safetensors")) for n in ("a", "b")}
+    assert written["a"]["fc.weight"].dtype == np.float16
+    assert written["b"]["fc.weight"].dtype == np.float32
+    assert statuses() == ["up to date", "up to date"]
+    # --dtype overrides the groups': both outputs now hold another cast than asked
+    assert statuses("--dtype", "bfloat16") == ["converted", "converted"]
+    assert statuses("--dtype", "bfloat16") == ["up to date", "up to date"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "version: 1\noutput_dir: out\njobs:\n  - {inputs: 'a/*', map: map.yaml, dtype: fp8}\n"
+    )
+    outcome = run_cli("batch", bad)
+    assert (
+        outcome.code == 2 and "dtype: expected one of float32, float16, bfloat16" in outcome.stderr
+    )
+
+
+def test_the_cli_dtypes_are_the_maps():
+    from fc2conv_cli import cli, layer_map
+
+    assert tuple(layer_map.DTYPES) == cli._DTYPES
+
+
+def test_dtype_scope_converted_leaves_copies_alone(run_cli, tmp_path):
+    tensors = {
+        "fc.weight": np.full((4, 18), 0.5, np.float32),
+        "big": np.array([1.0, 7e4], np.float32),
+    }
+    source = tmp_path / "m.safetensors"
+    save_file(tensors, str(source))
+    text = "version: 1\nlayout: chw\ndtype: float16\nlayers:\n  - {name: fc, kernel: [3, 3]}\n"
+    outcome, target, _, _ = _convert(run_cli, tmp_path, source, text, "--dtype-scope", "converted")
+    assert outcome.code == 0, outcome.stderr
+    written = load_file(str(target))
+    assert written["big"].dtype == np.float32 and written["fc.weight"].dtype == np.float16
