@@ -595,3 +595,69 @@ def test_dtype_scope_converted_leaves_copies_alone(run_cli, tmp_path):
     assert outcome.code == 0, outcome.stderr
     written = load_file(str(target))
     assert written["big"].dtype == np.float32 and written["fc.weight"].dtype == np.float16
+
+
+@pytest.mark.parametrize("layout", ["chw", "hwc", "whc"])
+@pytest.mark.parametrize("weight_format", ["out_in", "in_out"])
+@pytest.mark.parametrize("conv_format", ["oihw", "hwio"])
+def test_every_step_at_once_in_every_order_and_small_chunks(
+    run_cli, tmp_path, monkeypatch, layout, weight_format, conv_format
+):
+    """BN before and after, a selection and a cast, written in many small chunks, equal
+    a plain numpy fold of the same numbers (and pass fc2conv's own checks)."""
+    from fc2conv_cli import write
+    from fc2conv_cli.layout import Layout
+
+    monkeypatch.setattr(write, "CHUNK_BYTES", 40)
+    rng = np.random.default_rng(12)
+    c, k, out = 3, (2, 3), 7
+    w = rng.standard_normal((out, c * 6))
+    bn = {
+        f"{p}.{n}": v
+        for p, size in (("pre", c * 6), ("post", out))
+        for n, v in (
+            ("weight", rng.random(size) + 0.5),
+            ("bias", rng.standard_normal(size)),
+            ("running_mean", rng.standard_normal(size)),
+            ("running_var", rng.random(size) + 0.1),
+        )
+    }
+    tensors = {"fc.weight": w if weight_format == "out_in" else w.T, **bn}
+    tensors = {n: np.ascontiguousarray(v, np.float32) for n, v in tensors.items()}
+    source = tmp_path / "m.safetensors"
+    save_file(tensors, str(source))
+    outcome, target, map_path, _ = _convert(
+        run_cli,
+        tmp_path,
+        source,
+        f"version: 1\nlayout: {layout}\nweight_format: {weight_format}\n"
+        f"conv_format: {conv_format}\nlayers:\n  - name: fc\n    kernel: [2, 3]\n"
+        "    fold_batchnorm_before: {name: pre}\n    fold_batchnorm: {name: post}\n"
+        "    outputs: [6, 0, 3]\n",
+        "--dtype",
+        "float16",
+    )
+    assert outcome.code == 0, outcome.stderr
+
+    def scale_shift(prefix):
+        t = {n: tensors[f"{prefix}.{n}"].astype(np.float64) for n in ("weight", "bias")}
+        m = {
+            n: tensors[f"{prefix}.{n}"].astype(np.float64) for n in ("running_mean", "running_var")
+        }
+        s = t["weight"] / np.sqrt(m["running_var"] + 1e-5)
+        return s, t["bias"] - m["running_mean"] * s
+
+    s_in, t_in = scale_shift("pre")
+    s_out, t_out = scale_shift("post")
+    fc = tensors["fc.weight"].astype(np.float64)
+    fc = fc if weight_format == "out_in" else fc.T
+    folded = fc * s_in[None, :] * s_out[:, None]
+    bias = (fc @ t_in) * s_out + t_out
+    keep = [6, 0, 3]
+    filters = Layout(layout).fc_rows_to_conv(folded[keep], c, k)
+    if conv_format == "hwio":
+        filters = filters.transpose(2, 3, 1, 0)
+    written = load_file(str(target))
+    np.testing.assert_array_equal(written["fc.weight"], filters.astype(np.float16))
+    np.testing.assert_array_equal(written["fc.bias"], bias[keep].astype(np.float16))
+    assert run_cli("verify", source, target, "--map", map_path).code == 0
