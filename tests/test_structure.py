@@ -26,6 +26,7 @@ ORDER = [
     "readers",
     "plan",
     "suggest",
+    "compute",
     "write",
     "check",
     "pipeline",
