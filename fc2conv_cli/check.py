@@ -504,34 +504,43 @@ _IEEE = {"F64": (53, 11), "F32": (24, 8), "F16": (11, 5), "BF16": (8, 8)}
 def rne_bits(values: np.ndarray, code: str) -> np.ndarray:
     """``values`` rounded to nearest, ties to even, into ``code``'s format: its bits.
 
-    Computed here from the float64 value by scaling with powers of two and ``np.rint``
-    (exact steps), then encoded field by field: not the writer's cast. A NaN becomes the
+    Integer arithmetic on the float64 value's fields, not the writer's numpy /
+    ``ml_dtypes`` cast: the significand is shifted to the target's precision (further
+    for a subnormal result) and rounded by the bits shifted out; a carry into the
+    exponent is the next binade, past the largest exponent infinity. A NaN becomes the
     quiet NaN with the sign kept.
     """
     precision, exponent_bits = _IEEE[code]
     bias = (1 << (exponent_bits - 1)) - 1
-    emin, total = 1 - bias, 1 + exponent_bits + precision - 1
-    x = np.asarray(values, np.float64)
-    sign = np.signbit(x).astype(np.uint64)
-    magnitude = np.abs(x)
-    nan, inf = np.isnan(magnitude), np.isinf(magnitude)
-    finite = np.where(nan | inf, 0.0, magnitude)
-    with np.errstate(all="ignore"):
-        lead = np.maximum(np.frexp(finite)[1] - 1, emin)
-        quantum = lead - (precision - 1)
-        rounded = np.ldexp(np.rint(np.ldexp(finite, -quantum)), quantum)
-        largest = np.ldexp(2.0 - 2.0 ** (1 - precision), bias)
-        inf |= rounded > largest
-        normal = rounded >= 2.0**emin
-        lead = np.frexp(rounded)[1] - 1
-        fraction = np.where(normal, np.ldexp(rounded, -lead) - 1.0, np.ldexp(rounded, -emin))
-        mantissa = np.rint(np.ldexp(fraction, precision - 1)).astype(np.uint64)
-    exponent = np.where(normal, lead + bias, 0).astype(np.uint64)
+    total = 1 + exponent_bits + precision - 1
+    one = np.uint64(1)
+    bits = np.ascontiguousarray(values, np.float64).view(np.uint64)
+    sign = bits >> np.uint64(63)
+    exponent = ((bits >> np.uint64(52)) & np.uint64(0x7FF)).astype(np.int64)
+    significand = (bits & np.uint64((1 << 52) - 1)) | np.where(
+        exponent > 0, one << np.uint64(52), 0
+    )
+    # Below the target's smallest normal exponent the result is subnormal: shift further.
+    unbiased = np.maximum(exponent, 1) - 1023
+    shift = (52 - (precision - 1)) + np.maximum(1 - bias - unbiased, 0)
+    shift = np.minimum(shift, 63).astype(np.uint64)  # larger shifts round to zero anyway
+    kept = significand >> shift
+    rest = significand & ((one << shift) - one)
+    half = one << (shift - one)
+    up = (rest > half) | ((rest == half) & ((kept & one) == one))
+    normal = unbiased >= 1 - bias
+    field = np.where(normal, unbiased + bias, 0).astype(np.uint64)
+    # kept holds the implicit bit for a normal result: drop it; a carry moves the exponent.
+    mantissa = np.where(normal, kept - (one << np.uint64(precision - 1)), kept)
+    encoded = (field << np.uint64(precision - 1)) + mantissa + up.astype(np.uint64)
     top = np.uint64((1 << exponent_bits) - 1)
-    exponent = np.where(inf | nan, top, exponent)
-    mantissa = np.where(inf, 0, np.where(nan, 1 << (precision - 2), mantissa)).astype(np.uint64)
-    bits = (sign << np.uint64(total - 1)) | (exponent << np.uint64(precision - 1)) | mantissa
-    return bits.astype(f"u{total // 8}")
+    infinite = (exponent == 0x7FF) & ((bits & np.uint64((1 << 52) - 1)) == 0)
+    nan = (exponent == 0x7FF) & ~infinite
+    overflow = (encoded >> np.uint64(precision - 1)) >= top
+    encoded = np.where(infinite | overflow, top << np.uint64(precision - 1), encoded)
+    quiet = (top << np.uint64(precision - 1)) | (one << np.uint64(precision - 2))
+    encoded = np.where(nan, quiet, encoded)
+    return ((sign << np.uint64(total - 1)) | encoded).astype(f"u{total // 8}")
 
 
 def _is_nan_bits(bits: np.ndarray, code: str) -> np.ndarray:

@@ -401,6 +401,7 @@ def test_an_independent_cast_agrees_with_numpy_and_ml_dtypes():
     values = np.concatenate(
         [
             rng.standard_normal(20000) * np.exp2(rng.integers(-30, 30, 20000)),
+            rng.standard_normal(20000) * np.exp2(rng.integers(-160, 140, 20000)),
             [0.0, -0.0, np.inf, -np.inf, 65504.0, 65520.0, 65519.99, 6e-8, 3e-8, 2.9802322e-08],
             [1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-8, 1 + 3 * 2**-8, 3.4e38, 3.5e38, 1e-45, 1e-40],
         ]
