@@ -279,24 +279,33 @@ def test_a_convmlp_head_back_to_linear_layers(run_cli, tmp_path, layout, weight_
 
 
 _ROUND_TRIP = settings(
-    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
 
 @_ROUND_TRIP
 @given(
-    layout=st.sampled_from(["chw", "hwc", "whc", "wch", "cwh", "hcw"]),
+    layout_kernel=st.sampled_from(
+        [(a, k) for a in ("chw", "hwc", "whc", "wch", "cwh", "hcw") for k in ((2, 3), (1, 1))]
+        + [
+            ("cl", (4,)),
+            ("lc", (3,)),
+            ("cdhw", (1, 2, 3)),
+            ("dhwc", (2, 2, 2)),
+            ("hdcw", (2, 1, 2)),
+        ]
+    ),
     weight_format=st.sampled_from(["out_in", "in_out"]),
     conv_format=st.sampled_from(["oihw", "hwio"]),
     dtype=st.sampled_from([np.float32, np.float16, ml_dtypes.bfloat16, np.float64]),
-    kernel=st.sampled_from([(2, 3), (1, 1), (3, 3)]),
 )
 def test_convert_then_convert_back_is_byte_identical(
-    run_cli, tmp_path_factory, layout, weight_format, conv_format, dtype, kernel
+    run_cli, tmp_path_factory, layout_kernel, weight_format, conv_format, dtype
 ):
+    layout, kernel = layout_kernel
     folder = tmp_path_factory.mktemp("round")
     rng = np.random.default_rng(5)
-    in_features = 3 * kernel[0] * kernel[1]
+    in_features = 3 * int(np.prod(kernel))
     shape = (7, in_features) if weight_format == "out_in" else (in_features, 7)
     tensors = {
         "fc.weight": rng.standard_normal(shape).astype(dtype),
@@ -661,4 +670,51 @@ def test_every_step_at_once_in_every_order_and_small_chunks(
     written = load_file(str(target))
     np.testing.assert_array_equal(written["fc.weight"], filters.astype(np.float16))
     np.testing.assert_array_equal(written["fc.bias"], bias[keep].astype(np.float16))
+    assert run_cli("verify", source, target, "--map", map_path).code == 0
+
+
+@pytest.mark.parametrize("conv_format", ["oihw", "hwio"])
+@pytest.mark.parametrize(("layout", "weight_format"), [("chw", "out_in"), ("hwc", "in_out")])
+def test_conv_to_fc_with_a_fold_a_selection_and_a_cast(
+    run_cli, tmp_path, monkeypatch, conv_format, layout, weight_format
+):
+    from fc2conv_cli import write
+    from fc2conv_cli.layout import Layout
+
+    monkeypatch.setattr(write, "CHUNK_BYTES", 64)
+    rng = np.random.default_rng(13)
+    filters = rng.standard_normal((5, 3, 2, 2))  # (O, C, kh, kw)
+    post = {n: rng.random(5) + 0.5 for n in ("gamma", "moving_variance")}
+    post |= {n: rng.standard_normal(5) for n in ("beta", "moving_mean")}
+    stored = filters if conv_format == "oihw" else filters.transpose(2, 3, 1, 0)
+    tensors = {"conv/kernel": stored, "conv/bias": rng.standard_normal(5)}
+    tensors |= {f"bn/{n}": v for n, v in post.items()}
+    tensors = {n: np.ascontiguousarray(v, np.float32) for n, v in tensors.items()}
+    source = tmp_path / "m.safetensors"
+    save_file(tensors, str(source))
+    outcome, target, map_path, _ = _convert(
+        run_cli,
+        tmp_path,
+        source,
+        f"version: 1\ndirection: conv_to_fc\nlayout: {layout}\nweight_format: {weight_format}\n"
+        f"conv_format: {conv_format}\nlayers:\n  - name: conv\n    kernel: [2, 2]\n"
+        "    fold_batchnorm: {name: bn}\n    outputs: '1:4'\n",
+        "--dtype",
+        "bfloat16",
+    )
+    assert outcome.code == 0, outcome.stderr
+    # Keras-named tensors: Keras' default eps
+    scale = tensors["bn/gamma"].astype(np.float64) / np.sqrt(
+        tensors["bn/moving_variance"].astype(np.float64) + 1e-3
+    )
+    shift = tensors["bn/beta"] - tensors["bn/moving_mean"] * scale
+    conv = tensors["conv/kernel"].astype(np.float64)
+    conv = conv if conv_format == "oihw" else conv.transpose(3, 2, 0, 1)
+    fc = Layout(layout).flatten(conv) * scale[:, None]
+    bias = tensors["conv/bias"] * scale + shift
+    fc, bias = fc[1:4], bias[1:4]
+    fc = fc if weight_format == "out_in" else fc.T
+    written = load_file(str(target))
+    np.testing.assert_array_equal(written["conv/kernel"], fc.astype(ml_dtypes.bfloat16))
+    np.testing.assert_array_equal(written["conv/bias"], bias.astype(ml_dtypes.bfloat16))
     assert run_cli("verify", source, target, "--map", map_path).code == 0
