@@ -424,7 +424,7 @@ def _with_steps(
         bias = _replace(bias, shape=(out,), steps=tuple(bias_steps))
     elif bias is None and (fold_before or fold_after):
         # A layer without a bias gets one: the folded BatchNorm's shift lands there.
-        name = _output_name(rule, rule.name + ".bias", ".bias")
+        name = _output_name(rule, _bias_name(rule, weight.source), ".bias")
         bias = PlannedTensor(name, None, weight.dtype, (out,), None, rule.name, tuple(bias_steps))
     folds = tuple(f for f in (fold_before, fold_after) if f)
     folded = tuple(
@@ -433,6 +433,14 @@ def _with_steps(
         for n in (*f.tensors, *(f.name + e for e in _BN_EXTRA if f.name + e in context.tensors))
     )
     return _replace(layer, weight=weight, bias=bias, out_features=out, folded=folded, folds=folds)
+
+
+def _bias_name(rule: Rule, weight: str) -> str:
+    """The name a new bias gets: named like the weight (``NAME.bias``, ``NAME/bias``)."""
+    for weight_suffix, bias_suffix in zip(WEIGHT_SUFFIXES, BIAS_SUFFIXES, strict=True):
+        if weight == rule.name + weight_suffix:
+            return rule.name + bias_suffix
+    return rule.name + ".bias"
 
 
 def _out_shape(shape: tuple[int, ...], conversion: Conversion, out: int) -> tuple[int, ...]:

@@ -718,3 +718,26 @@ def test_conv_to_fc_with_a_fold_a_selection_and_a_cast(
     np.testing.assert_array_equal(written["conv/kernel"], fc.astype(ml_dtypes.bfloat16))
     np.testing.assert_array_equal(written["conv/bias"], bias.astype(ml_dtypes.bfloat16))
     assert run_cli("verify", source, target, "--map", map_path).code == 0
+
+
+def test_a_new_bias_is_named_like_the_weight():
+    from fc2conv_cli.layer_map import parse_layer_map
+    from fc2conv_cli.plan import build_plan
+    from fc2conv_cli.readers import TensorInfo
+
+    tensors = {
+        "fc1/kernel": TensorInfo("fc1/kernel", "F32", (18, 4)),
+        **{
+            f"bn/{n}": TensorInfo(f"bn/{n}", "F32", (4,))
+            for n in ("moving_mean", "moving_variance")
+        },
+    }
+    text = (
+        "version: 1\nlayout: hwc\nlayers:\n"
+        "  - {name: fc1, kernel: [3, 3], fold_batchnorm: {name: bn}}\n"
+    )
+    plan = build_plan(tensors, parse_layer_map(text), kind="keras")
+    layer = plan.layers[0]
+    assert layer.bias.name == "fc1/bias" and layer.bias.source is None
+    assert layer.folds[0].eps == 1e-3 and layer.folds[0].eps_from == "keras default"
+    assert [t.name for t in plan.tensors] == ["fc1/bias", "fc1/kernel"]
