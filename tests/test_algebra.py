@@ -722,6 +722,7 @@ def test_conv_to_fc_with_a_fold_a_selection_and_a_cast(
 
 def test_a_new_bias_is_named_like_the_weight():
     from fc2conv_cli.layer_map import parse_layer_map
+    from fc2conv_cli.layout import WeightFormat
     from fc2conv_cli.plan import build_plan
     from fc2conv_cli.readers import TensorInfo
 
@@ -736,7 +737,7 @@ def test_a_new_bias_is_named_like_the_weight():
         "version: 1\nlayout: hwc\nlayers:\n"
         "  - {name: fc1, kernel: [3, 3], fold_batchnorm: {name: bn}}\n"
     )
-    plan = build_plan(tensors, parse_layer_map(text), kind="keras")
+    plan = build_plan(tensors, parse_layer_map(text), WeightFormat.IN_OUT, kind="keras")
     layer = plan.layers[0]
     assert layer.bias.name == "fc1/bias" and layer.bias.source is None
     assert layer.folds[0].eps == 1e-3 and layer.folds[0].eps_from == "keras default"
