@@ -31,6 +31,7 @@ import sys
 from collections.abc import Collection
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -267,13 +268,13 @@ def _check_layers(
             if np.array_equal(rows, sample)
             else _float64_diffs(layer, source, written, rows, seed, atol)
         )
-        window, dense, dense_checked, tolerance, bound_ok = result
+        window, dense, dense_checked, tolerance, within_bound = result
         if tolerance is None:
             bound_ok = [
                 d is not None and d <= atol for d in (window, dense if dense_checked else 0.0)
             ]
         else:
-            bound_ok = [bound_ok]
+            bound_ok = [within_bound]
         checks.append(
             LayerCheck(
                 layer.rule.name,
@@ -316,7 +317,7 @@ def check_copies(
             if _cast_differs(planned, source, written):
                 differ.append(planned.name)
             continue
-        a, b = source.raw(planned.source), written.raw(planned.name)
+        a, b = source.raw(planned.source_name), written.raw(planned.name)
         if len(a) != len(b) or not all(
             np.array_equal(
                 np.frombuffer(a[i : i + _COMPARE_CHUNK_BYTES], np.uint8),
@@ -330,7 +331,7 @@ def check_copies(
 
 def _cast_differs(planned: PlannedTensor, source: Checkpoint, written: Checkpoint) -> bool:
     """A cast copy against the source cast independently (``rne_bits``), in chunks."""
-    values = source.array(planned.source).reshape(-1)
+    values = source.array(planned.source_name).reshape(-1)
     got = _bits(written, planned.name).reshape(-1)
     step = max(1, _COMPARE_CHUNK_BYTES // 8)
     for start in range(0, len(values), step):
@@ -373,7 +374,8 @@ def _compare_layer(
 ) -> tuple[list[Mismatch], np.ndarray]:
     """The exact check of a layer's weight and bias, where their values only move (or are
     cast): the first mismatch of each, and which output rows hold NaN or Inf in the source."""
-    mismatches, nonfinite = [], np.zeros(layer.out_features, bool)
+    mismatches: list[Mismatch] = []
+    nonfinite = np.zeros(layer.out_features, bool)
     if layer.weight.exact:
         mismatches, nonfinite = _compare_weight(layer, source, written)
     if layer.bias is not None and layer.bias.exact:
@@ -423,7 +425,7 @@ def _compare_weight(
     Returns the first mismatch (if any) and which output rows hold NaN or Inf.
     """
     planned = layer.weight
-    conversion, name = planned.conversion, planned.source
+    conversion, name = layer.conversion, planned.source_name
     dtype, cast = source.tensors[name].dtype, planned.cast
     expected_bits, written_bits = _bits(source, name), _bits(written, planned.name)
     values = source.array(name)
@@ -448,14 +450,15 @@ def _compare_weight(
         nonfinite[rows] = ~np.isfinite(in_order).all(axis=1)
     if first is None:
         return [], nonfinite
-    output, flat, want, have = first
+    output, flat_index, want, have = first
     kernel = conversion.kernel
     if conversion.direction == "fc_to_conv":
         layout = conversion.layout
-        in_layout_order = np.unravel_index(flat, layout.sizes(layer.in_channels, kernel))
+        in_layout_order = np.unravel_index(flat_index, layout.sizes(layer.in_channels, kernel))
         channel, *position = (int(in_layout_order[a]) for a in layout.to_canonical())
     else:
-        channel, *position = (int(i) for i in np.unravel_index(flat, (layer.in_channels, *kernel)))
+        canonical = np.unravel_index(flat_index, (layer.in_channels, *kernel))
+        channel, *position = (int(i) for i in canonical)
     mismatch = Mismatch(
         planned.name,
         output,
@@ -473,10 +476,12 @@ def _compare_bias(
 ) -> tuple[list[Mismatch], np.ndarray]:
     """The written bias against the source's; the first mismatch, and which are NaN or Inf."""
     rows = _source_rows(planned, slice(None))
-    values = source.array(planned.source)[rows]
+    values = source.array(planned.source_name)[rows]
     got = _bits(written, planned.name)
     cast = planned.cast
-    expected = _bits(source, planned.source)[rows] if cast is None else rne_bits(values, cast.dtype)
+    expected = (
+        _bits(source, planned.source_name)[rows] if cast is None else rne_bits(values, cast.dtype)
+    )
     nonfinite = ~np.isfinite(values)
     differ = np.flatnonzero(_differ(expected, got, planned.dtype, cast is not None))
     if not len(differ):
@@ -597,24 +602,25 @@ def _float64_diffs(
     whether the dense check ran, the dtype-scaled bound or None, whether every output is
     within it).
     """
-    conversion = layer.weight.conversion
+    conversion = layer.conversion
     kernel = conversion.kernel
+    one_position: tuple[Any, ...] = (..., *(slice(0, 1),) * len(kernel))
     rng = np.random.default_rng(seed)
     samples = rng.standard_normal((WINDOW_SAMPLES, layer.in_channels, *kernel))
     dense_map = rng.standard_normal((1, layer.in_channels, *(k + DENSE_MARGIN for k in kernel)))
     if conversion.fold_spatial:  # the small-map case: one value per channel, replicated
-        samples = np.broadcast_to(samples[(..., *(slice(0, 1),) * len(kernel))], samples.shape)
+        samples = np.broadcast_to(samples[one_position], samples.shape)
     folds = {f.position: f for f in layer.folds}
     dense_checked = math.prod(kernel) > 1 and not conversion.fold_spatial
     if conversion.direction == "conv_to_fc" and "before" in folds:
         dense_checked = False  # a BatchNorm over flat features is no convolution
     maps = np.concatenate([samples, windows(dense_map, kernel)]) if dense_checked else samples
     scaled = _scaled(layer)
-    source_weight = source.array(layer.weight.source)
+    source_weight = source.array(layer.weight.source_name)
     written_weight = written.array(layer.weight.name)
     fc = np.empty((len(maps), len(rows)))
     conv = np.empty_like(fc)
-    magnitude = np.zeros_like(fc) if scaled else None
+    magnitude = np.zeros_like(fc)  # |written net| on |inputs|, where the bound scales
     step = _rows_per_chunk(layer.in_features * 8)
     source_bias = _bias(
         source, layer.bias.source if layer.bias else None, layer.source_out_features
@@ -683,7 +689,8 @@ def _written_net(
     filters = written_filters(weight, conversion, rows).astype(np.float64)
     filters = np.abs(filters) if absolute else filters
     if conversion.fold_spatial:  # the 1x1 conv on the map's one position
-        samples = samples[(..., *(slice(0, 1),) * len(conversion.kernel))]
+        one_position: tuple[Any, ...] = (..., *(slice(0, 1),) * len(conversion.kernel))
+        samples = samples[one_position]
     out = [_convolve(np.ascontiguousarray(samples), filters).reshape(len(samples), -1)]
     if dense_checked:  # (1, n, *positions) -> (positions, n), as the windows
         out.append(_convolve(dense_map, filters).reshape(len(rows), -1).T)

@@ -97,7 +97,7 @@ class _Computed:
         self.planned = planned
         self.dtype = numpy_dtype(planned.dtype)
         self.itemsize = self.dtype.itemsize
-        source = checkpoint.array(planned.source)
+        source = checkpoint.array(planned.source_name)
         conversion = planned.conversion
         if conversion is None:  # a cast of a tensor that keeps its shape
             self._source, self._perm = source, tuple(range(source.ndim))
@@ -135,7 +135,7 @@ class _Computed:
 
     def _t_block(self, t_key: list[slice]) -> np.ndarray:
         """The block ``t_key`` of the output in ``T`` order, in the output dtype."""
-        source_key = list(t_key)
+        source_key: list = list(t_key)
         rows = None
         if self.planned.conversion is not None:
             rows = np.arange(self._source.shape[0])[t_key[0]]
@@ -169,10 +169,10 @@ def stored_values(planned: PlannedTensor, checkpoint: Checkpoint):
     after the last slice."""
     conversion = planned.conversion
     if not planned.steps and conversion is None:
-        return checkpoint.array(planned.source)
+        return checkpoint.array(planned.source_name)
     if not planned.steps:
-        return conversion.source_filters(checkpoint.array(planned.source)).transpose(
-            conversion.stored_perm()
+        return planned.geometry.source_filters(checkpoint.array(planned.source_name)).transpose(
+            planned.geometry.stored_perm()
         )
     if conversion is None and (planned.step(SelectRows) or planned.step(FoldBatchNorm)):
         return _Vector(_bias_values(planned, checkpoint), planned)
@@ -204,8 +204,9 @@ class _Vector:
 def _bias_values(planned: PlannedTensor, checkpoint: Checkpoint) -> np.ndarray:
     """A bias through its steps, in float64: folds before (from the weight), the
     selection, folds after."""
-    before = next((s for s in planned.steps if _is_fold(s, "before")), None)
-    after = next((s for s in planned.steps if _is_fold(s, "after")), None)
+    folds = [s for s in planned.steps if isinstance(s, FoldBatchNorm)]
+    before = next((s for s in folds if s.position == "before"), None)
+    after = next((s for s in folds if s.position == "after"), None)
     rows = planned.step(SelectRows)
     size = rows.of if rows else planned.shape[0]
     bias = (
@@ -228,7 +229,3 @@ def _bias_values(planned: PlannedTensor, checkpoint: Checkpoint) -> np.ndarray:
         scale, shift = batchnorm_vectors(after, checkpoint)
         bias = bias * scale[picked] + shift[picked]
     return bias
-
-
-def _is_fold(step: object, position: str) -> bool:
-    return isinstance(step, FoldBatchNorm) and step.position == position

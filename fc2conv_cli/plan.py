@@ -169,8 +169,8 @@ class FoldBatchNorm:
     gamma: str | None
     beta: str | None
     size: int
-    weight: str = ""
-    conversion: Conversion | None = None
+    weight: str
+    conversion: Conversion
 
     @property
     def tensors(self) -> tuple[str, ...]:
@@ -246,6 +246,20 @@ class PlannedTensor:
     def cast(self) -> Cast | None:
         return self.step(Cast)
 
+    @property
+    def source_name(self) -> str:
+        """``source``, for a tensor that has one (every tensor but a created bias)."""
+        if self.source is None:
+            raise ValueError(f"{self.name}: is computed, it has no source tensor")
+        return self.source
+
+    @property
+    def geometry(self) -> Conversion:
+        """``conversion``, for a converted layer's weight (which always has one)."""
+        if self.conversion is None:
+            raise ValueError(f"{self.name}: has no conversion")
+        return self.conversion
+
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -265,6 +279,11 @@ class LayerPlan:
     source_out_features: int = 0
     folded: tuple[str, ...] = ()
     folds: tuple[FoldBatchNorm, ...] = field(default=())
+
+    @property
+    def conversion(self) -> Conversion:
+        """How the layer's weight is converted (every layer's weight is)."""
+        return self.weight.geometry
 
     @property
     def operations(self) -> tuple[str, ...]:
@@ -400,7 +419,7 @@ def _with_steps(
 ) -> LayerPlan | None:
     """The layer with its rule's value steps: outputs, BatchNorm folds, fold_spatial."""
     rule, weight, bias = layer.rule, layer.weight, layer.bias
-    conversion = weight.conversion
+    conversion = layer.conversion
     before = len(problems)
     select = _select(rule, layer.source_out_features, where, problems)
     fold_before = rule.fold_before and _fold(
@@ -424,7 +443,7 @@ def _with_steps(
         bias = _replace(bias, shape=(out,), steps=tuple(bias_steps))
     elif bias is None and (fold_before or fold_after):
         # A layer without a bias gets one: the folded BatchNorm's shift lands there.
-        name = _output_name(rule, _bias_name(rule, weight.source), ".bias")
+        name = _output_name(rule, _bias_name(rule, weight.source_name), ".bias")
         bias = PlannedTensor(name, None, weight.dtype, (out,), None, rule.name, tuple(bias_steps))
     folds = tuple(f for f in (fold_before, fold_after) if f)
     folded = tuple(
@@ -458,6 +477,8 @@ def _select(rule: Rule, out_features: int, where: str, problems: list[str]) -> S
         return None
     if isinstance(rule.outputs, str):
         match = OUTPUT_SLICE.fullmatch(rule.outputs)
+        if match is None:  # the map's validator let only slices through
+            raise ValueError(f"outputs {rule.outputs!r} is not a slice")
         start, stop, step = (int(g) if g else None for g in match.groups())
         bounds = [b for b in (start, stop) if b is not None]
         if any(b > out_features for b in bounds):
@@ -528,13 +549,13 @@ def _fold(
         spec.name,
         eps,
         eps_from,
-        names["mean"],
-        names["var"],
+        names["mean"] or "",
+        names["var"] or "",
         names["gamma"],
         names["beta"],
         next(iter(shapes.values()))[0],
-        layer.weight.source,
-        layer.weight.conversion,
+        layer.weight.source_name,
+        layer.conversion,
     )
 
 
@@ -711,7 +732,7 @@ def _with_bias(
     in_features: int,
 ) -> LayerPlan | None:
     """The layer's plan with its bias (the map's, or the one named like the weight)."""
-    weight_name, in_channels = planned_weight.source, planned_weight.conversion.in_channels
+    weight_name, in_channels = planned_weight.source_name, planned_weight.geometry.in_channels
     bias_name = _find_bias(rule, weight_name, tensors)
     bias = tensors.get(bias_name) if bias_name is not None else None
     conv_bias = None

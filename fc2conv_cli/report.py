@@ -105,8 +105,8 @@ def render_conversion(console: Console, result: ConvertResult) -> None:
             Text(f"{layer.weight.source} -> {layer.weight.name}"),
             _shape(layer.source_shape),
             _shape(layer.weight.shape),
-            "x".join(map(str, layer.weight.conversion.kernel)),
-            Text(_layout_cell(layer.weight.conversion)),
+            "x".join(map(str, layer.conversion.kernel)),
+            Text(_layout_cell(layer.conversion)),
             bits,
             window,
             dense,
@@ -131,16 +131,17 @@ def _operation_lines(result: ConvertResult) -> list[str]:
                 f"(eps {fold.eps:g}, {fold.eps_from}) folded in; {', '.join(fold.tensors)} "
                 "left out"
             )
-        if layer.weight.conversion.fold_spatial:
-            kernel = "x".join(map(str, layer.weight.conversion.kernel))
+        if layer.conversion.fold_spatial:
+            kernel = "x".join(map(str, layer.conversion.kernel))
             lines.append(
                 f"{name}: {layer.proof}: the {kernel} kernel summed into a 1x1 conv (exact "
                 "only where the map is replicated)"
             )
-        if layer.out_features != layer.source_out_features:
+        kept = _outputs_json(layer)
+        if kept is not None:
             lines.append(
                 f"{name}: out_features {layer.source_out_features} -> {layer.out_features} "
-                f"({_outputs_json(layer)['text']})"
+                f"({kept['text']})"
             )
     if result.plan.dtype is not None:
         cast = sum(1 for t in result.plan.tensors if t.cast is not None)
@@ -238,12 +239,12 @@ def conversion_json(result: ConvertResult) -> dict[str, Any]:
                 "output_bias": layer.bias.name if layer.bias else None,
                 "old_shape": list(layer.source_shape),
                 "new_shape": list(layer.weight.shape),
-                "kernel": list(layer.weight.conversion.kernel),
+                "kernel": list(layer.conversion.kernel),
                 "layout": str(layer.rule.layout),
-                "weight_format": layer.weight.conversion.weight_format.value,
-                "conv_format": layer.weight.conversion.conv_format.value,
+                "weight_format": layer.conversion.weight_format.value,
+                "conv_format": layer.conversion.conv_format.value,
                 "bytes_unchanged": layer.weight.is_byte_copy,
-                "direction": layer.weight.conversion.direction,
+                "direction": layer.conversion.direction,
                 "operations": list(layer.operations),
                 "folded": list(layer.folded),
                 "batchnorm": [
@@ -259,7 +260,7 @@ def conversion_json(result: ConvertResult) -> dict[str, Any]:
                 "outputs": _outputs_json(layer),
                 "out_features": layer.out_features,
                 "source_out_features": layer.source_out_features,
-                "fold_spatial": "sum" if layer.weight.conversion.fold_spatial else None,
+                "fold_spatial": "sum" if layer.conversion.fold_spatial else None,
                 "dtype": layer.weight.dtype,
                 "proof": layer.proof,
                 "tolerance": check.tolerance if check else None,
