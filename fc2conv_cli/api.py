@@ -170,6 +170,9 @@ def convert(
     force: bool = False,
     seed: int = 0,
     format: str | None = None,
+    dtype: str | None = None,
+    dtype_scope: str = "all",
+    allow_overflow: bool = False,
     steps: Steps | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint ``input`` by ``layer_map`` into the ``.safetensors`` file
@@ -178,13 +181,24 @@ def convert(
 
     The file is published only after every check passed (``check=False`` skips them;
     ``dry_run=True`` plans and writes nothing). ``format`` names the input's format
-    instead of detecting it. Raises ``InputError`` (exit code 2: bad map, checkpoint,
-    plan or output) or ``CheckFailed`` (1; its ``result`` says which layer failed).
-    ``steps`` (a ``pipeline.Steps``) is told each step and the bytes written and checked.
+    instead of detecting it. ``dtype`` casts floating tensors (``float32``, ``float16``,
+    ``bfloat16``; all of them, or with ``dtype_scope="converted"`` only the converted ones)
+    and refuses an overflow unless ``allow_overflow``. Raises ``InputError`` (exit code
+    2: bad map, checkpoint, plan or output) or ``CheckFailed`` (1; its ``result`` says
+    which layer failed). ``steps`` (a ``pipeline.Steps``) is told each step and the bytes
+    written and checked.
     """
     target = output_path(input, output)
     options = _options(input, layer_map, target, atol, seed, format)
-    options = _replace(options, check=check, dry_run=dry_run, force=force)
+    options = _replace(
+        options,
+        check=check,
+        dry_run=dry_run,
+        force=force,
+        dtype=dtype,
+        dtype_scope=dtype_scope,
+        allow_overflow=allow_overflow,
+    )
     if target != Path(output) and not dry_run:
         _make_folder(target.parent)
     return _run(pipeline.convert, options, steps)

@@ -43,8 +43,8 @@ from fc2conv_cli.errors import (
 )
 from fc2conv_cli.layer_map import read_layer_map
 from fc2conv_cli.manifest import BatchItem
-from fc2conv_cli.pipeline import DEFAULT_ATOL, ConvertOptions, convert
-from fc2conv_cli.plan import Plan, build_plan
+from fc2conv_cli.pipeline import DEFAULT_ATOL, ConvertOptions, convert, plan_conversion
+from fc2conv_cli.plan import Plan
 from fc2conv_cli.readers import open_checkpoint, read_safetensors_metadata
 from fc2conv_cli.write import CONVERSION_KEY, CONVERSION_VERSION, remove_temp_files
 
@@ -107,6 +107,14 @@ class BatchOptions:
     atol: float = DEFAULT_ATOL
     seed: int = 0
     timeout: float | None = None  # seconds per file; None: no limit
+    dtype: str | None = None  # --dtype: overrides a group's dtype:
+    dtype_scope: str = "all"
+    allow_overflow: bool = False
+
+    def dtype_for(self, item: BatchItem) -> str | None:
+        """The cast of ``item``: --dtype, else its group's ``dtype:`` (the map's is the
+        map's own, applied by the plan)."""
+        return self.dtype or item.dtype
 
 
 @dataclass(frozen=True)
@@ -179,13 +187,13 @@ def process_item(item: BatchItem, options: BatchOptions) -> FileOutcome:
         return FileOutcome(item, status, size, seconds=time.perf_counter() - started, **fields)
 
     try:
-        state, why = (_Output.STALE, "") if options.force else _output_state(item)
+        state, why = (_Output.STALE, "") if options.force else _output_state(item, options)
         if state is _Output.UP_TO_DATE:
             return outcome(Status.UP_TO_DATE)
         if state is _Output.FOREIGN:
             return outcome(Status.ERROR, error=f"{item.output}: {why}; pass --force to replace it")
         if options.dry_run:  # read the map and the index, as convert --dry-run does
-            return outcome(Status.WOULD_CONVERT, layers=len(_plan(item).layers))
+            return outcome(Status.WOULD_CONVERT, layers=len(_plan(item, options).layers))
         item.output.parent.mkdir(parents=True, exist_ok=True)
         # A missing output is published only if none appears meanwhile; a stale one of
         # fc2conv's (or, with --force, anything) is replaced.
@@ -199,6 +207,9 @@ def process_item(item: BatchItem, options: BatchOptions) -> FileOutcome:
                 seed=options.seed,
                 force=overwrite,
                 format=item.format,
+                dtype=options.dtype_for(item),
+                dtype_scope=options.dtype_scope,
+                allow_overflow=options.allow_overflow,
             )
         )
     except CheckFailed as error:
@@ -215,12 +226,21 @@ def process_item(item: BatchItem, options: BatchOptions) -> FileOutcome:
     )
 
 
-def _plan(item: BatchItem) -> Plan:
+def _plan(item: BatchItem, options: BatchOptions) -> Plan:
+    """The plan ``convert`` would follow for ``item`` (a dry run's check of it)."""
     layer_map = read_layer_map(item.map_path)
     with open_checkpoint(
         item.input, layer_map.strip_prefixes, layer_map.state_dict_key, item.format
     ) as source:
-        return build_plan(source.tensors, layer_map, source.weight_format)
+        convert_options = ConvertOptions(
+            item.input,
+            item.map_path,
+            item.output,
+            dtype=options.dtype_for(item),
+            dtype_scope=options.dtype_scope,
+            allow_overflow=options.allow_overflow,
+        )
+        return plan_conversion(source, layer_map, convert_options)
 
 
 def _input_bytes(item: BatchItem) -> int:
@@ -240,7 +260,7 @@ class _Output(enum.Enum):
     UP_TO_DATE = "up to date"  # fc2conv's, from this source, map and conversion: skip
 
 
-def _output_state(item: BatchItem) -> tuple[_Output, str]:
+def _output_state(item: BatchItem, options: BatchOptions | None = None) -> tuple[_Output, str]:
     """Classify the existing output; for ``FOREIGN``, also say why in a phrase."""
     if not item.output.is_file():
         return _Output.MISSING, ""  # nothing, or a folder: convert reports what is in the way
@@ -251,9 +271,14 @@ def _output_state(item: BatchItem) -> tuple[_Output, str]:
         return _Output.FOREIGN, f"exists and fc2conv did not write it ({reason})"
     if "fc2conv_version" not in metadata:
         return _Output.FOREIGN, "exists and fc2conv did not write it (no fc2conv metadata)"
+    layer_map = read_layer_map(item.map_path)
+    dtype = (options.dtype_for(item) if options else item.dtype) or layer_map.dtype
+    scope = (options.dtype_scope if options else "all") if dtype else None
     if (
         metadata.get(CONVERSION_KEY) != str(CONVERSION_VERSION)
-        or metadata.get("layer_map_sha256") != read_layer_map(item.map_path).sha256
+        or metadata.get("dtype") != dtype  # another cast (or none) asked for
+        or metadata.get("dtype_scope") != scope
+        or metadata.get("layer_map_sha256") != layer_map.sha256
         or not _intact(item.output)
         or metadata.get("source_sha256") != _sha256(item.input)
     ):

@@ -136,6 +136,36 @@ _format_option = click.option(
     type=click.Choice(_FORMATS),
     help="Read the input as this format; by default it is found from the content, then the suffix.",
 )
+_DTYPES = ("float32", "float16", "bfloat16")  # layer_map.DTYPES (a test keeps them in step)
+_dtype_options = (
+    click.option(
+        "--dtype",
+        type=click.Choice(_DTYPES),
+        help="Cast every floating tensor to this dtype (round to nearest even); overrides "
+        "the map's dtype:. A value that overflows, or a nonzero tensor flushed to zero, is "
+        "an error (exit 2).",
+    ),
+    click.option(
+        "--dtype-scope",
+        type=click.Choice(["all", "converted"]),
+        default="all",
+        show_default=True,
+        help="Cast all floating tensors, or only the converted layers' (copies stay as they are).",
+    ),
+    click.option(
+        "--allow-overflow",
+        is_flag=True,
+        help="Write a cast's overflows as inf (and tensors flushed to zero) instead of refusing.",
+    ),
+)
+
+
+def _dtype_option(command: Callable) -> Callable:
+    for option in reversed(_dtype_options):
+        command = option(command)
+    return command
+
+
 _seed_option = click.option(
     "--seed",
     type=click.IntRange(min=0),
@@ -178,6 +208,10 @@ sample-configs); `fc2conv schema map` prints its JSON Schema, for editors.
                            hwio (Keras / TF)
   strip_prefix: module.    a prefix, or a list, removed from every tensor name
   state_dict_key: model    the nested state dict of a training checkpoint
+  direction: fc_to_conv    or conv_to_fc: the rules name convs (kernel exactly
+                           the first rule's kernel), written as FC weights
+  dtype: float16           cast floating tensors (float32, float16, bfloat16;
+                           round to nearest even); --dtype overrides it
   layers:                  required: the FC layers, first FC first
     - name: classifier.0   required: finds NAME.weight or NAME/kernel (or
                            :0 variants) and the matching bias, if any
@@ -190,6 +224,16 @@ sample-configs); `fc2conv schema map` prints its JSON Schema, for editors.
       conv_format: hwio    conv_format override the map's
       weight: fc1/kernel   full tensor names, when NAME does not find them
       bias: fc1/bias
+      fold_batchnorm: {name: classifier.1, eps: 0.001}
+                           fold the BatchNorm after this layer into it;
+                           eps default: torch 1e-5, Keras 1e-3 / its config
+      fold_batchnorm_before: {name: head.bn}
+                           fold a BatchNorm on the layer's input (over the
+                           flat features, or the channels) into it
+      outputs: "1:1001"    last layer only: keep these outputs (a slice, or
+                           a list such as [0, 5, 7])
+      fold_spatial: sum    first layer only: sum the kernel into a 1x1 conv,
+                           exact only on a replicated map (docs/algebra.md)
 
 \b
 Example map (shipped as vgg16):
@@ -241,6 +285,7 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @_seed_option
 @_format_option
+@_dtype_option
 def convert(
     input_path: Path,
     map_path: Path,
@@ -252,6 +297,9 @@ def convert(
     force: bool,
     seed: int,
     input_format: str | None,
+    dtype: str | None,
+    dtype_scope: str,
+    allow_overflow: bool,
 ) -> int:
     from fc2conv_cli import api
     from fc2conv_cli.report import check_json_path
@@ -271,6 +319,9 @@ def convert(
             force=force,
             seed=seed,
             format=input_format,
+            dtype=dtype,
+            dtype_scope=dtype_scope,
+            allow_overflow=allow_overflow,
             steps=steps,
         )
 
@@ -478,6 +529,7 @@ under output_dir with the suffix .safetensors):
     - inputs: "web/**/model.json"
       map: web.yaml
       format: tfjs
+      dtype: float16        # optional: cast this group's outputs
 
 Each file's format is found as `convert` finds it, or named by its group's optional
 format: key (--format for INPUT files). Without format:, a glob takes the files whose
@@ -568,6 +620,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
     help="Read the INPUT files (with --map) as this format; in a manifest, give a job "
     "group a format: key instead. By default each file's is found from its content.",
 )
+@_dtype_option
 def batch(
     paths: tuple[Path, ...],
     map_path: Path | None,
@@ -582,6 +635,9 @@ def batch(
     atol: float,
     seed: int,
     input_format: str | None,
+    dtype: str | None,
+    dtype_scope: str,
+    allow_overflow: bool,
 ) -> int:
     from rich.text import Text
 
@@ -613,7 +669,9 @@ def batch(
                 report.write_json(json_path, report.batch_json(BatchResult((), 0.0)))
             return 0
     jobs = jobs if jobs is not None else available_cpus()
-    options = BatchOptions(jobs, force, dry_run, fail_fast, atol, seed, timeout)
+    options = BatchOptions(
+        jobs, force, dry_run, fail_fast, atol, seed, timeout, dtype, dtype_scope, allow_overflow
+    )
     started = time.perf_counter()
     messages = _console(stderr=True)
     total_bytes = sum(item.input.stat().st_size for item in items)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import re
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,8 +18,11 @@ from fc2conv_cli.errors import MapError, shown
 from fc2conv_cli.layout import ConvFormat, Layout, WeightFormat
 
 __all__ = [
+    "DIRECTIONS",
+    "DTYPES",
     "SAMPLE_CONFIGS",
     "SUPPORTED_VERSIONS",
+    "BatchNormSpec",
     "DuplicateKeyError",
     "LayerMap",
     "Rule",
@@ -42,6 +46,8 @@ _TOP_KEYS = (
     "conv_format",
     "strip_prefix",
     "state_dict_key",
+    "direction",
+    "dtype",
     "layers",
 )
 _LAYER_KEYS = (
@@ -54,9 +60,29 @@ _LAYER_KEYS = (
     "conv_format",
     "weight",
     "bias",
+    "fold_batchnorm",
+    "fold_batchnorm_before",
+    "outputs",
+    "fold_spatial",
 )
+_FOLD_KEYS = ("name", "eps")
+# fc_to_conv: rules name FC layers, written as convs; conv_to_fc: rules name convs, written as FCs.
+DIRECTIONS = ("fc_to_conv", "conv_to_fc")
+# Output dtypes a cast may target (map ``dtype:``, ``--dtype``) and their safetensors codes.
+DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+EPS_MAX = 1.0e300  # a BatchNorm's largest eps (schema.py says the same)
+# ``outputs: "1:1001"``: a Python slice with non-negative bounds and a positive step.
+OUTPUT_SLICE = re.compile(r"([0-9]*):([0-9]*)(?::([1-9][0-9]*))?")
 _FORMATS = ", ".join(f.value for f in WeightFormat)
 _CONV_FORMATS = ", ".join(f.value for f in ConvFormat)
+
+
+@dataclass(frozen=True)
+class BatchNormSpec:
+    """A BatchNorm to fold: its tensor prefix, and ``eps`` when the map gives it."""
+
+    name: str
+    eps: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,7 +93,10 @@ class Rule:
     must exist); otherwise the plan finds ``NAME.weight`` / ``NAME/kernel`` (and ``:0``
     variants) and the matching bias, if present. ``weight_format`` None means the
     checkpoint's stored one. Outputs keep their source names unless ``rename`` replaces
-    the layer prefix.
+    the layer prefix. ``fold_after`` / ``fold_before`` name a BatchNorm on the layer's
+    output / input to fold in; ``outputs`` keeps a subset of the outputs (a list of
+    indices, or a slice text such as ``"1:1001"``; the plan resolves it);
+    ``fold_spatial`` (``"sum"``) sums the kernel over space into a 1x1 conv.
     """
 
     name: str
@@ -79,6 +108,10 @@ class Rule:
     conv_format: ConvFormat
     weight: str | None = None
     bias: str | None = None
+    fold_after: BatchNormSpec | None = None
+    fold_before: BatchNormSpec | None = None
+    outputs: tuple[int, ...] | str | None = None
+    fold_spatial: str | None = None
 
     @property
     def output_prefix(self) -> str:
@@ -95,6 +128,8 @@ class LayerMap:
     strip_prefixes: tuple[str, ...]
     state_dict_key: str | None
     text: str
+    direction: str = "fc_to_conv"
+    dtype: str | None = None  # "float16" etc.: cast every floating tensor (``--dtype``)
 
     @property
     def sha256(self) -> str:
@@ -273,10 +308,72 @@ class _Validator:
         if state_dict_key is not None and not _is_name(state_dict_key):
             self.problem("top level", "state_dict_key", "a non-empty string", state_dict_key)
             state_dict_key = None
+        direction = doc.get("direction", "fc_to_conv")
+        if direction not in DIRECTIONS:
+            self.problem("top level", "direction", f"one of {', '.join(DIRECTIONS)}", direction)
+        dtype = doc.get("dtype")
+        if dtype is not None and not (isinstance(dtype, str) and dtype in DTYPES):
+            self.problem("top level", "dtype", f"one of {', '.join(DTYPES)}", dtype)
         rules = self.rules(doc.get("layers"), layout, weight_format, conv_format)
+        self.across_rules(rules, direction)
         if self.problems:
             raise MapError(self.problems)
-        return LayerMap(self.source, rules, prefixes, state_dict_key, text)
+        return LayerMap(self.source, rules, prefixes, state_dict_key, text, direction, dtype)
+
+    def across_rules(self, rules: tuple[Rule, ...], direction: Any) -> None:
+        """Keys that depend on a rule's place in the map or on the map's direction."""
+        for index, rule in enumerate(rules):
+            where = f"layers[{index}] ({shown(rule.name)})"
+            if rule.outputs is not None and index != len(rules) - 1:
+                self.problems.append(
+                    f"{self.source}: {where}: outputs: only the last layer may drop outputs; "
+                    f"layer {shown(rules[index + 1].name)} follows it and may read them"
+                )
+            if rule.fold_spatial is not None and index != 0:
+                self.problems.append(
+                    f"{self.source}: {where}: fold_spatial: only the first layer reads the "
+                    "feature map it could sum over"
+                )
+            if rule.fold_spatial is not None and direction == "conv_to_fc":
+                self.problems.append(
+                    f"{self.source}: {where}: fold_spatial: not with direction conv_to_fc"
+                )
+
+    def fold(self, where: str, key: str, value: Any) -> BatchNormSpec | None:
+        """``{name: classifier.1, eps: 0.001}``; ``eps`` is optional, a number > 0."""
+        if not isinstance(value, Mapping) or not _is_name(value.get("name")):
+            self.problem(where, key, "a mapping {name: BN_PREFIX, eps: NUMBER}", value)
+            return None
+        for extra in value:
+            if extra not in _FOLD_KEYS:
+                self.problems.append(
+                    f"{self.source}: {where}: {key}: unknown key {extra!r}; allowed: name, eps"
+                )
+        eps = value.get("eps")
+        if eps is not None and not (type(eps) in (int, float) and 0 < eps <= EPS_MAX):
+            self.problem(where, f"{key}.eps", "a number > 0 (write 1.0e-5, not 1e-5)", eps)
+            eps = None
+        return BatchNormSpec(value["name"], None if eps is None else float(eps))
+
+    def outputs(self, where: str, value: Any) -> tuple[int, ...] | str | None:
+        if value is None:
+            return None
+        if isinstance(value, str) and OUTPUT_SLICE.fullmatch(value):
+            return value
+        if (
+            isinstance(value, list)
+            and value
+            and all(type(v) is int and v >= 0 for v in value)
+            and len(set(value)) == len(value)
+        ):
+            return tuple(value)
+        self.problem(
+            where,
+            "outputs",
+            'a list of distinct output indices >= 0, e.g. [0, 5, 7], or a slice "1:1001"',
+            value,
+        )
+        return None
 
     def layout(self, where: str, value: Any, required: bool = False) -> Layout | None:
         if value is None:
@@ -408,6 +505,14 @@ class _Validator:
             if value is not None and not _is_name(value):
                 self.problem(where, key, "a full tensor name", value)
             tensors[key] = value
+        folds = {
+            key: self.fold(where, key, layer[key]) if layer.get(key) is not None else None
+            for key in ("fold_batchnorm", "fold_batchnorm_before")
+        }
+        outputs = self.outputs(where, layer.get("outputs"))
+        fold_spatial = layer.get("fold_spatial")
+        if fold_spatial is not None and fold_spatial != "sum":
+            self.problem(where, "fold_spatial", "sum", fold_spatial)
         if len(self.problems) > before or layout is None or conv_format is None:
             return None
         return Rule(
@@ -420,6 +525,10 @@ class _Validator:
             conv_format=conv_format,
             weight=tensors["weight"],
             bias=tensors["bias"],
+            fold_after=folds["fold_batchnorm"],
+            fold_before=folds["fold_batchnorm_before"],
+            outputs=outputs,
+            fold_spatial=fold_spatial,
         )
 
     def kernel(self, where: str, value: Any, ndim: int) -> tuple[int, ...]:

@@ -22,12 +22,12 @@ from typing import Any
 import yaml
 
 from fc2conv_cli.errors import ManifestError
-from fc2conv_cli.layer_map import load_yaml, resolve_map_path, yaml_problem
+from fc2conv_cli.layer_map import DTYPES, load_yaml, resolve_map_path, yaml_problem
 
 __all__ = ["BatchItem", "items_from_inputs", "read_manifest", "select_shard"]
 
 _TOP_KEYS = ("version", "output_dir", "jobs")
-_JOB_KEYS = ("inputs", "map", "format")
+_JOB_KEYS = ("inputs", "map", "format", "dtype")
 # The readers' formats and the suffixes that name them (readers.detect's FORMATS and
 # SUFFIXES; the manifest comes before the readers in the pipeline, and
 # tests/test_manifest.py keeps the two in step).
@@ -42,20 +42,22 @@ _TFJS_MODEL_NAME = "model.json"
 # the manifest comes before write in the pipeline, and tests/test_manifest.py keeps the two
 # in step.
 TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
-# What a job group's glob found: (input, map, format).
-_Found = tuple[Path, Path, str | None]
+# What a job group's glob found: (input, map, format, dtype).
+_Found = tuple[Path, Path, str | None, str | None]
 
 
 @dataclass(frozen=True, order=True)
 class BatchItem:
     """One file to convert: ``relative`` is its path as mirrored under the output folder;
-    ``format`` is the reader asked for (``--format``), None to detect it."""
+    ``format`` is the reader asked for (``--format``), None to detect it; ``dtype`` the
+    group's cast (``dtype:``), None for none."""
 
     relative: str
     input: Path
     map_path: Path
     output: Path
     format: str | None = None
+    dtype: str | None = None
 
 
 def read_manifest(path: Path, output_dir: Path | None = None) -> tuple[BatchItem, ...]:
@@ -107,7 +109,7 @@ def items_from_inputs(
     if problems:
         raise ManifestError(problems)
     common = Path(os.path.commonpath([p.absolute().parent for p in inputs]))
-    return _items([(p, map_path, format) for p in inputs], common, output_dir, "inputs")
+    return _items([(p, map_path, format, None) for p in inputs], common, output_dir, "inputs")
 
 
 def select_shard(items: Sequence[BatchItem], index: int, count: int) -> tuple[BatchItem, ...]:
@@ -134,6 +136,9 @@ def _expand_job(
             f"{where}: format: unknown format {kind!r}; expected one of {', '.join(FORMATS)}"
         )
         kind = None  # report the glob's problems too, as if no format were given
+    dtype = job.get("dtype")
+    if dtype is not None and not (isinstance(dtype, str) and dtype in DTYPES):
+        problems.append(f"{where}: dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     if not isinstance(pattern, str) or not pattern.strip():
         problems.append(f"{where}: inputs: expected a glob such as 'vgg16/**/*.pth'")
         return []
@@ -154,7 +159,7 @@ def _expand_job(
     )
     if not found:
         problems.append(f"{where}: inputs: {pattern!r} matches no checkpoint under {folder}")
-    return [(p, map_path, kind) for p in found]
+    return [(p, map_path, kind, dtype) for p in found]
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -189,7 +194,7 @@ def _items(found: list[_Found], root: Path, output_dir: Path, source: str) -> tu
     problems = []
     items: dict[Path, BatchItem] = {}
     seen_inputs: set[Path] = set()
-    for input_path, map_path, kind in found:
+    for input_path, map_path, kind, dtype in found:
         if input_path.resolve() in seen_inputs:
             problems.append(f"{source}: {input_path} is matched twice; list each file once")
             continue
@@ -203,7 +208,7 @@ def _items(found: list[_Found], root: Path, output_dir: Path, source: str) -> tu
                 f"{output}; rename one"
             )
             continue
-        items[output] = BatchItem(relative.as_posix(), input_path, map_path, output, kind)
+        items[output] = BatchItem(relative.as_posix(), input_path, map_path, output, kind, dtype)
     if problems:
         raise ManifestError(problems)
     return tuple(sorted(items.values()))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 from fc2conv_cli import __version__
 from fc2conv_cli.digest import FileDigest, sha256_in_background
 from fc2conv_cli.errors import EXIT_CHECK_FAILED, EXIT_OK, CheckFailed, CheckpointError, OutputError
-from fc2conv_cli.layer_map import LayerMap, read_layer_map
+from fc2conv_cli.layer_map import DTYPES, LayerMap, read_layer_map
 from fc2conv_cli.plan import Plan, build_plan
 from fc2conv_cli.readers import open_checkpoint, open_safetensors, read_safetensors_metadata
 from fc2conv_cli.schema import language_server_line, schema_text
@@ -74,6 +74,9 @@ class ConvertOptions:
     force: bool = False
     seed: int = 0
     format: str | None = None  # --format: read INPUT as this format, whatever it looks like
+    dtype: str | None = None  # --dtype: cast floating tensors (float32, float16, bfloat16)
+    dtype_scope: str = "all"  # --dtype-scope: "all" floating tensors, or only "converted"
+    allow_overflow: bool = False  # --allow-overflow: write a cast's inf / zeros anyway
     layer_map: LayerMap | None = None  # the map itself (from the API); else map_path is read
 
 
@@ -174,7 +177,7 @@ def _convert(
         options.input, layer_map.strip_prefixes, layer_map.state_dict_key, options.format
     ) as source:
         steps.step("plan")
-        plan = build_plan(source.tensors, layer_map, source.weight_format)
+        plan = plan_conversion(source, layer_map, options)
         result = ConvertResult(options, source.kind, plan, source.notes)
         if digest is None:  # dry run
             return _finish(result, started)
@@ -185,6 +188,7 @@ def _convert(
             "source_file": options.input.name,
             "layer_map": layer_map.text,
             "layer_map_sha256": layer_map.sha256,
+            **_cast_metadata(plan),
         }
         steps.step("write", sum(t.nbytes for t in plan.tensors))
         staged = write_safetensors(plan, source, options.output, metadata, steps.advance)
@@ -201,6 +205,28 @@ def _convert(
         finally:
             staged.discard()
     return _finish(result, started, published=True)
+
+
+def plan_conversion(source: Checkpoint, layer_map: LayerMap, options: ConvertOptions) -> Plan:
+    """The plan ``convert`` follows for ``source``: the map, the format's stored FC weight
+    format and BatchNorm eps, and the options' cast."""
+    return build_plan(
+        source.tensors,
+        layer_map,
+        source.weight_format,
+        kind=source.kind,
+        graph=source.graph,
+        dtype=options.dtype,
+        dtype_scope=options.dtype_scope,
+        allow_overflow=options.allow_overflow,
+    )
+
+
+def _cast_metadata(plan: Plan) -> dict[str, str]:
+    """What the metadata records of a cast (nothing without one)."""
+    if plan.dtype is None:
+        return {}
+    return {"dtype": plan.dtype, "dtype_scope": plan.dtype_scope, "dtype_rounding": "nearest-even"}
 
 
 def _check_same_file(digest: FileDigest, path: Path) -> None:
@@ -283,8 +309,13 @@ def verify(options: ConvertOptions, steps: Steps | None = None) -> ConvertResult
             open_checkpoint(options.output, format="safetensors") as converted,
         ):
             _check_same_file(digest, options.input)
+            if options.dtype is None:  # the cast the file records, if any
+                recorded = read_safetensors_metadata(options.output)
+                if recorded.get("dtype") in DTYPES:
+                    scope = recorded.get("dtype_scope", "all")
+                    options = replace(options, dtype=recorded["dtype"], dtype_scope=scope)
             steps.step("plan")
-            plan = build_plan(source.tensors, layer_map, source.weight_format)
+            plan = plan_conversion(source, layer_map, options)
             result = ConvertResult(
                 options,
                 source.kind,
@@ -313,7 +344,7 @@ def convert_in_memory(
     from fc2conv_cli.write import write_to_memory
 
     started = time.perf_counter()
-    plan = build_plan(source.tensors, layer_map, source.weight_format)
+    plan = plan_conversion(source, layer_map, options)
     written = write_to_memory(plan, source)
     result = ConvertResult(options, source.kind, plan, source.notes)
     result = replace(result, output_bytes=sum(t.nbytes for t in plan.tensors))

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from fc2conv_cli.batch import BatchResult, FileOutcome
     from fc2conv_cli.check import Mismatch
     from fc2conv_cli.pipeline import ConvertResult, InspectResult
-    from fc2conv_cli.plan import Conversion
+    from fc2conv_cli.plan import Conversion, LayerPlan, PlannedTensor
 
 __all__ = [
     "PIPE_WIDTH",
@@ -144,7 +144,11 @@ def render_conversion(console: Console, result: ConvertResult) -> None:
             bits = window = dense = "-"
             status = Text("planned" if result.options.dry_run else "not checked", style="yellow")
         else:
-            bits = _bits(check.bits_equal)
+            bits = (
+                _bits(check.bits_equal)
+                if check.bits_equal is not None
+                else Text(check.proof.removeprefix("float64, "), style="cyan")
+            )
             window = _diff(check.max_abs_diff)
             dense = _diff(check.dense_max_abs_diff) if check.dense_checked else "n/a (1x1)"
             status = Text("ok", style="green") if check.ok else Text("FAILED", style="bold red")
@@ -167,9 +171,42 @@ def render_conversion(console: Console, result: ConvertResult) -> None:
     console.print(Text(_footer(result)), soft_wrap=True)
 
 
-def _check_lines(result: ConvertResult) -> list[str]:
-    """Under the table: what differs in each failed layer, and rows with NaN or Inf."""
+def _operation_lines(result: ConvertResult) -> list[str]:
+    """Under the table: each layer's folded tensors, kept outputs and cast."""
     lines = []
+    for layer in result.plan.layers:
+        name = layer.rule.name
+        for fold in layer.folds:
+            lines.append(
+                f"{name}: {layer.proof}: BatchNorm {fold.name} {fold.position} the layer "
+                f"(eps {fold.eps:g}, {fold.eps_from}) folded in; {', '.join(fold.tensors)} "
+                "left out"
+            )
+        if layer.conversion.fold_spatial:
+            kernel = "x".join(map(str, layer.conversion.kernel))
+            lines.append(
+                f"{name}: {layer.proof}: the {kernel} kernel summed into a 1x1 conv (exact "
+                "only where the map is replicated)"
+            )
+        kept = _outputs_json(layer)
+        if kept is not None:
+            lines.append(
+                f"{name}: out_features {layer.source_out_features} -> {layer.out_features} "
+                f"({kept['text']})"
+            )
+    if result.plan.dtype is not None:
+        cast = sum(1 for t in result.plan.tensors if t.cast is not None)
+        lines.append(
+            f"cast: {cast} tensors to {result.plan.dtype} (round to nearest even, scope "
+            f"{result.plan.dtype_scope})"
+        )
+    return lines
+
+
+def _check_lines(result: ConvertResult) -> list[str]:
+    """Under the table: what each layer does beyond moving values, what differs in each
+    failed layer, and rows with NaN or Inf."""
+    lines = _operation_lines(result)
     for check in result.checks:
         lines += [f"{check.layer}: {m.describe()}" for m in check.mismatches]
         if check.nonfinite_rows:
@@ -188,18 +225,39 @@ def render_plan(console: Console, result: ConvertResult) -> None:
     table.add_column("shape", no_wrap=True)
     table.add_column("from", overflow="fold", min_width=16)
     for planned in result.plan.tensors:
-        conversion = planned.conversion
-        if conversion is None:
-            action = "copy" if planned.source == planned.name else f"copy {planned.source}"
-        elif conversion.moves_bytes:
-            action = (
-                f"convert {planned.source} ({conversion.weight_format.value}, "
-                f"{conversion.layout} -> {conversion.conv_format.value}: bytes move)"
-            )
-        else:
-            action = f"reshape {planned.source} (bytes unchanged)"
+        action = _plan_action(planned)
         table.add_row(Text(planned.name), planned.dtype, _shape(planned.shape), Text(action))
     print_table(console, table)
+    if result.plan.folded:
+        folded = ", ".join(result.plan.folded)
+        console.print(Text(f"folded (not in the output): {folded}"), soft_wrap=True)
+
+
+def _plan_action(planned: PlannedTensor) -> str:
+    """What produces one planned tensor, for the dry run's plan."""
+    conversion = planned.conversion
+    if planned.source is None:
+        action = "new bias"
+    elif conversion is None and planned.steps:
+        action = f"from {planned.source}"
+    elif conversion is None:
+        action = "copy" if planned.source == planned.name else f"copy {planned.source}"
+    elif conversion.direction == "conv_to_fc":
+        action = (
+            f"convert {planned.source} (conv {conversion.conv_format.value} -> FC "
+            f"{conversion.weight_format.value}, {conversion.layout}"
+            f"{': bytes move' if conversion.moves_bytes else ': bytes unchanged'})"
+        )
+    elif conversion.moves_bytes or planned.steps:
+        moved = "" if planned.steps else ": bytes move"
+        action = (
+            f"convert {planned.source} ({conversion.weight_format.value}, "
+            f"{conversion.layout} -> {conversion.conv_format.value}{moved})"
+        )
+    else:
+        action = f"reshape {planned.source} (bytes unchanged)"
+    steps = "; ".join(step.describe() for step in planned.steps)
+    return f"{action}; {steps}" if steps else action
 
 
 def render_notes(console: Console, result: ConvertResult, notes: bool = True) -> None:
@@ -236,7 +294,27 @@ def conversion_json(result: ConvertResult) -> dict[str, Any]:
                 "layout": str(layer.rule.layout),
                 "weight_format": layer.conversion.weight_format.value,
                 "conv_format": layer.conversion.conv_format.value,
-                "bytes_unchanged": not layer.conversion.moves_bytes,
+                "bytes_unchanged": layer.weight.is_byte_copy,
+                "direction": layer.conversion.direction,
+                "operations": list(layer.operations),
+                "folded": list(layer.folded),
+                "batchnorm": [
+                    {
+                        "name": f.name,
+                        "position": f.position,
+                        "eps": f.eps,
+                        "eps_from": f.eps_from,
+                        "tensors": list(f.tensors),
+                    }
+                    for f in layer.folds
+                ],
+                "outputs": _outputs_json(layer),
+                "out_features": layer.out_features,
+                "source_out_features": layer.source_out_features,
+                "fold_spatial": "sum" if layer.conversion.fold_spatial else None,
+                "dtype": layer.weight.dtype,
+                "proof": layer.proof,
+                "tolerance": check.tolerance if check else None,
                 "bits_equal": check.bits_equal if check else None,
                 "mismatches": [_mismatch_json(m) for m in check.mismatches] if check else [],
                 "max_abs_diff": check.max_abs_diff if check else None,
@@ -261,6 +339,9 @@ def conversion_json(result: ConvertResult) -> dict[str, Any]:
         "seed": options.seed,
         "layers": layers,
         "copied": len(result.plan.copied),
+        "folded": list(result.plan.folded),
+        "dtype": result.plan.dtype,
+        "dtype_scope": result.plan.dtype_scope if result.plan.dtype else None,
         "copy_mismatches": list(result.copy_mismatches),
         "index_problems": list(result.index_problems),
         "notes": list(result.notes),
@@ -277,6 +358,16 @@ def conversion_json(result: ConvertResult) -> dict[str, Any]:
         "output_bytes": result.output_bytes,
         "seconds": round(result.seconds, 3),
     }
+
+
+def _outputs_json(layer: LayerPlan) -> dict[str, Any] | None:
+    """The kept outputs (``outputs:``), None when the layer keeps all."""
+    if layer.out_features == layer.source_out_features:
+        return None
+    from fc2conv_cli.plan import SelectRows
+
+    select = layer.weight.step(SelectRows)
+    return {"text": select.text, "kept": len(select.indices), "of": select.of}
 
 
 def _mismatch_json(mismatch: Mismatch) -> dict[str, Any]:
@@ -732,14 +823,26 @@ def _footer(result: ConvertResult) -> str:
 
 
 def _layout_cell(conversion: Conversion) -> str:
-    """Flatten layout, FC weight format used, and conv format written: ``hwc in_out>oihw``."""
-    return f"{conversion.layout} {conversion.weight_format.value}>{conversion.conv_format.value}"
+    """Flatten layout, FC weight format used, and conv format written: ``hwc in_out>oihw``
+    (in reverse, the conv format read and the FC format written: ``chw oihw>out_in``)."""
+    fc, conv = conversion.weight_format.value, conversion.conv_format.value
+    if conversion.direction == "conv_to_fc":
+        return f"{conversion.layout} {conv}>{fc}"
+    return f"{conversion.layout} {fc}>{conv}"
 
 
 def _all_ok(result: ConvertResult) -> str:
     sampled = [c for c in result.checks if c.float64_rows < c.out_features]
     where = f" (<= {max(c.float64_rows for c in sampled)} filters a layer)" if sampled else ""
-    return f"every value bit-exact, float64{where} within atol {result.options.atol:g}"
+    computed = [c for c in result.checks if c.proof != "exact"]
+    scaled = [c for c in result.checks if c.tolerance is not None]
+    if not computed and not scaled:
+        return f"every value bit-exact, float64{where} within atol {result.options.atol:g}"
+    exact = "every moved value bit-exact" + (
+        " (against an independent cast)" if result.plan.dtype else ""
+    )
+    folded = f", computed layers ({len(computed)})" if computed else ""
+    return f"{exact}{folded}, float64{where} within the dtype-scaled bound"
 
 
 def _one_line(text: str) -> str:

@@ -7,7 +7,8 @@ of one rank, a layout with as many spatial axes as the kernel, distinct output n
 are the validator's alone.
 
 JSON has one number type, so to a schema ``1.0`` is the integer ``1``; YAML's ``1.0`` is
-a float, which the validator refuses where it expects an integer.
+a float, which the validator refuses where it expects an integer. JSON has no NaN
+either: YAML's ``.nan`` as a BatchNorm's eps is the validator's to refuse.
 """
 
 from __future__ import annotations
@@ -86,6 +87,33 @@ def _format_keys(where: str) -> dict[str, dict[str, Any]]:
     }
 
 
+# Python's re.search lets ``$`` match before a final newline; this matches at the end only.
+_END = r"(?![\s\S])"
+# The largest eps the validator takes: JSON Schema cannot say "finite" otherwise.
+EPS_MAX = 1.0e300
+
+
+def _fold(position: str) -> dict[str, Any]:
+    return {
+        "type": ["object", "null"],
+        "required": ["name"],
+        "additionalProperties": False,
+        "properties": {
+            "name": _name("The BatchNorm's tensor prefix, e.g. classifier.1 or head/bn."),
+            "eps": {
+                "type": ["number", "null"],
+                "exclusiveMinimum": 0,
+                "maximum": EPS_MAX,
+                "examples": [0.001],
+                "description": "The BatchNorm's eps; default torch 1e-5, Keras 1e-3 (or the "
+                "Keras config's). Write 1.0e-5: YAML reads 1e-5 as text.",
+            },
+        },
+        "description": f"A BatchNorm {position} this layer to fold into it; its tensors "
+        "leave the output.",
+    }
+
+
 def layer_map_schema() -> dict[str, Any]:
     """The layer map's JSON Schema."""
     layer = {
@@ -119,6 +147,32 @@ def layer_map_schema() -> dict[str, Any]:
                 True,
             ),
             "bias": _name("Full source tensor name of the bias (then it must exist).", True),
+            "fold_batchnorm": _fold("after (Linear -> BatchNorm1d(out))"),
+            "fold_batchnorm_before": _fold(
+                "before (on the layer's input: BatchNorm1d over the flat features, or over "
+                "the channels)"
+            ),
+            "outputs": {
+                "anyOf": [
+                    {"type": "null"},
+                    {
+                        "type": "array",
+                        "minItems": 1,
+                        "uniqueItems": True,
+                        "items": {"type": "integer", "minimum": 0},
+                    },
+                    {"type": "string", "pattern": f"^[0-9]*:[0-9]*(?::[1-9][0-9]*)?{_END}"},
+                ],
+                "examples": [[0, 5, 7], "1:1001"],
+                "description": "The last layer only: keep these outputs, a list of indices or "
+                'a Python slice such as "1:1001" (drops a background class).',
+            },
+            "fold_spatial": {
+                "enum": ["sum", None],
+                "description": "The first layer only: sum its kernel over space into a 1x1 "
+                "conv, exact when every position of the map holds the same value (a pool "
+                "that replicates a 1x1 map to 7x7).",
+            },
         },
     }
     return {
@@ -143,6 +197,18 @@ def layer_map_schema() -> dict[str, Any]:
             "state_dict_key": _name(
                 "The key of the nested state dict in a training checkpoint.", True
             ),
+            "direction": {
+                "enum": ["fc_to_conv", "conv_to_fc"],
+                "default": "fc_to_conv",
+                "description": "fc_to_conv: the rules name FC layers, written as convs; "
+                "conv_to_fc: they name convs (whose kernel is exactly the first rule's "
+                "kernel), written as FC weights.",
+            },
+            "dtype": {
+                "enum": ["float32", "float16", "bfloat16", None],
+                "description": "Cast every floating tensor to this dtype (round to nearest "
+                "even); --dtype overrides it.",
+            },
             "layers": {
                 "type": "array",
                 "minItems": 1,
@@ -174,6 +240,10 @@ def manifest_schema() -> dict[str, Any]:
                 "enum": list(FORMATS),
                 "description": "Read this group's files as this format (as --format does); "
                 "by default each file's format is found from its content, then its suffix.",
+            },
+            "dtype": {
+                "enum": ["float32", "float16", "bfloat16", None],
+                "description": "Cast this group's outputs to this dtype (as --dtype does).",
             },
         },
     }

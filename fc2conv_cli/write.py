@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fc2conv_cli.errors import InternalError, OutputError, shown
-from fc2conv_cli.layout import WeightFormat
 from fc2conv_cli.plan import Plan, PlannedTensor
 from fc2conv_cli.readers import Checkpoint
 
@@ -373,11 +372,10 @@ _NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, er
 def _write_tensor(
     file: BinaryIO | _MemoryFile | _Counted, planned: PlannedTensor, checkpoint: Checkpoint
 ) -> None:
-    """Write one planned tensor's bytes to ``file`` (a staged file, or memory)."""
-    conversion = planned.conversion
-    if conversion is None or not conversion.moves_bytes:
-        raw = checkpoint.raw(planned.source)
-        span = checkpoint.file_span(planned.source)
+    """One tensor's bytes: the one place that dispatches on the kind of planned tensor."""
+    if planned.is_byte_copy:
+        raw = checkpoint.raw(planned.source_name)
+        span = checkpoint.file_span(planned.source_name)
         if span is not None and _copy_in_kernel(file, *span, len(raw)):
             return
         for start in range(0, len(raw), CHUNK_BYTES):
@@ -385,12 +383,17 @@ def _write_tensor(
         return
     import numpy as np  # only here: a plain copy never needs numpy
 
-    # A strided view of the output in its stored order, read through the memory map;
-    # an in_out kernel is read column-wise.
-    weight = checkpoint.array(planned.source)
-    rows = weight if conversion.weight_format is WeightFormat.OUT_IN else weight.T
-    filters = conversion.layout.fc_rows_to_conv(rows, conversion.in_channels, conversion.kernel)
-    stored = filters.transpose(conversion.conv_format.from_oihw(len(conversion.kernel)))
+    from fc2conv_cli.compute import stored_values
+
+    # The output in its stored order: a strided view read through the memory map where
+    # values only move (an in_out kernel is read column-wise), else computed per slice.
+    stored = stored_values(planned, checkpoint)
+    if stored.ndim == 0 or 0 in stored.shape:  # a scalar, or nothing: one piece
+        file.write(np.ascontiguousarray(stored[()]).reshape(-1).view(np.uint8))
+        finish = getattr(stored, "finish", None)
+        if finish is not None:
+            finish()
+        return
     # Copy it in pieces of at most CHUNK_BYTES: slices along the first axis that is not
     # too large on its own, under every index of the axes before it.
     sizes = [math.prod(stored.shape[a:]) * stored.itemsize for a in range(stored.ndim + 1)]
@@ -398,11 +401,14 @@ def _write_tensor(
     step = max(1, CHUNK_BYTES // sizes[axis + 1])
     buffer = np.empty((min(step, stored.shape[axis]), *stored.shape[axis + 1 :]), stored.dtype)
     for outer in np.ndindex(*stored.shape[:axis]):
-        part = stored[outer]
-        for start in range(0, part.shape[0], step):
-            chunk = buffer[: len(part[start : start + step])]  # one buffer keeps memory flat
-            np.copyto(chunk, part[start : start + step])
+        for start in range(0, stored.shape[axis], step):
+            part = stored[(*outer, slice(start, start + step))]
+            chunk = buffer[: len(part)]  # one buffer keeps memory flat
+            np.copyto(chunk, part)
             file.write(chunk.reshape(-1).view(np.uint8))
+    finish = getattr(stored, "finish", None)
+    if finish is not None:
+        finish()  # a cast that overflowed raises here: the temp file is removed
 
 
 def _flush_in_background(fd: int) -> Future[None]:

@@ -49,6 +49,7 @@ LAYOUTS = ["".join(p) for axes in SPATIAL_AXES.values() for p in itertools.permu
 # Problems only the validator can find: they relate several keys to each other.
 ACROSS_KEYS = re.compile(
     r"sizes like the map's other kernels|spatial axes to match the kernel|is also produced by"
+    r"|only the last layer|only the first layer|not with direction"
 )
 
 
@@ -104,6 +105,41 @@ _KERNELS = [[1], [7, 7], [2, 3, 4], [], [1, 2, 3, 4], [0], [-1], [True], [2.0], 
 _LAYOUTS = [*LAYOUTS, " CHW ", "Hwc\n", "\u3000cl", "chw\x1c", "\ufeffchw", "chhw", "ch w", "c"]
 _FORMATS = [*(f.value for f in (*WeightFormat, *ConvFormat)), "OIHW", "out-in", " hwio"]
 _COUNTS = [1, 6, 2**70, 0, -1, True, 2.0, "3"]
+_FOLDS = [
+    {"name": "bn"},
+    {"name": "bn", "eps": 0.001},
+    {"name": "bn", "eps": 1},
+    {"name": "bn", "eps": None},
+    {"name": "bn", "eps": 0},
+    {"name": "bn", "eps": -1.0},
+    {"name": "bn", "eps": True},
+    {"name": "bn", "eps": "1e-5"},
+    {"name": "bn", "eps": float("inf")},
+    {"name": "bn", "extra": 1},
+    {"name": " "},
+    {"eps": 0.1},
+    "bn",
+    [],
+]
+_OUTPUTS = [
+    [0, 5, 7],
+    [0],
+    [],
+    [-1],
+    [1, 1],
+    [True],
+    [1.5],
+    "1:1001",
+    ":",
+    "1:",
+    "::2",
+    "1:2:0",
+    "a:b",
+    "1",
+    "1:2\n",
+    " 1:2",
+    "-1:",
+]
 _PER_KEY = {
     "version": [1, 2, 0, True, 1.0, "1"],
     "layout": _LAYOUTS,
@@ -118,6 +154,12 @@ _PER_KEY = {
     "in_channels": _COUNTS,
     "weight": _NAMES,
     "bias": _NAMES,
+    "direction": ["fc_to_conv", "conv_to_fc", "FC_TO_CONV", "reverse", True],
+    "dtype": ["float32", "float16", "bfloat16", "fp16", "F16", 16],
+    "fold_batchnorm": _FOLDS,
+    "fold_batchnorm_before": _FOLDS,
+    "outputs": _OUTPUTS,
+    "fold_spatial": ["sum", "mean", "SUM", True],
 }
 _PER_KEY = {key: [None, *values] for key, values in _PER_KEY.items()}
 _ANY_VALUE = HOSTILE_SCALARS | VALUES

@@ -27,6 +27,7 @@ ORDER = [
     "plan",
     "evidence",
     "suggest",
+    "compute",
     "write",
     "check",
     "pipeline",

@@ -420,7 +420,13 @@ def _swap_linear(
             f"map layer {name!r}: weight_format {conversion.weight_format.value}, but it is a "
             "torch nn.Linear, whose weight is out_in"
         )
-    rows = checkpoint.array(layer.weight.source)
+    if layer.operations or conversion.direction != "fc_to_conv" or conversion.fold_spatial:
+        raise ModelError(
+            f"map layer {name!r}: export rewrites plain FC -> conv layers; this map also asks "
+            f"for {', '.join(layer.operations) or 'another direction'}: convert the "
+            "checkpoint first, then export without those keys"
+        )
+    rows = checkpoint.array(layer.weight.source_name)
     filters = conversion.layout.fc_rows_to_conv(rows, conversion.in_channels, conversion.kernel)
     conv_type = getattr(torch.nn, f"Conv{ndim}d")
     conv = conv_type(
@@ -438,7 +444,7 @@ def _swap_linear(
                 raise ModelError(
                     f"map layer {name!r}: the model's Linear has a bias the plan lacks"
                 )
-            conv.bias.copy_(_as_torch(checkpoint.array(layer.bias.source)))
+            conv.bias.copy_(_as_torch(checkpoint.array(layer.bias.source_name)))
     parent, _, child = name.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, child, conv)
 
