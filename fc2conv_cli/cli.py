@@ -233,7 +233,7 @@ sample-configs); `fc2conv schema map` prints its JSON Schema, for editors.
       outputs: "1:1001"    last layer only: keep these outputs (a slice, or
                            a list such as [0, 5, 7])
       fold_spatial: sum    first layer only: sum the kernel into a 1x1 conv,
-                           exact only on a replicated map (docs/algebra.md)
+                           exact only on a replicated map (README: Head algebra)
 
 \b
 Example map (shipped as vgg16):
