@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import torch
     from torch import fx
 
-__all__ = ["Geometry", "Head", "find_head", "geometry", "rewrite", "trace"]
+__all__ = ["Geometry", "Head", "descendants", "find_head", "geometry", "rewrite", "trace"]
 
 _SHAPE = "fc2conv_shape"  # node.meta key: the node's output shape at --input-shape
 _LAYOUT_METHODS = {"permute", "transpose", "contiguous", "flatten", "view", "reshape"}
@@ -331,7 +331,7 @@ def _classify_linears(
                 f"node {user.name} ({_kind(user, modules)}) uses the flattened features but is "
                 "not a Linear of the map"
             )
-    downstream = _descendants(flat)
+    downstream = descendants(flat)
     later = []
     for node in gm.graph.nodes:
         if node not in downstream or node.target in first:
@@ -354,7 +354,8 @@ def _classify_linears(
     return tuple(first), tuple(later)
 
 
-def _descendants(node: fx.Node) -> set:
+def descendants(node: fx.Node) -> set:
+    """Every node that uses ``node``'s value, directly or through others."""
     found, pending = set(), list(node.users)
     while pending:
         item = pending.pop()
@@ -464,7 +465,7 @@ def _swap_batchnorm1d(gm: fx.GraphModule, feature: fx.Node) -> None:
     """A BatchNorm1d in the head normalizes channels: as a BatchNorm2d it does so densely."""
     import torch
 
-    for node in _descendants(feature):
+    for node in descendants(feature):
         if node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)

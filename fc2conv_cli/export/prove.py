@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from fc2conv_cli.export.graph import Geometry, Head
+from fc2conv_cli.export.graph import Geometry, Head, descendants
 
 if TYPE_CHECKING:
     import torch
@@ -117,7 +117,7 @@ def _split(gm: fx.GraphModule, head: Head, x: torch.Tensor):
     interpreter = fx.Interpreter(gm)
     nodes = list(gm.graph.nodes)
     feature = next(n for n in nodes if n.name == head.feature)
-    downstream = _descendants(feature)
+    downstream = descendants(feature)
     env: dict = {}
     interpreter.env = env
     for node in nodes:
@@ -142,16 +142,6 @@ def _split(gm: fx.GraphModule, head: Head, x: torch.Tensor):
         return leaves(result)
 
     return backbone[feature], run_head
-
-
-def _descendants(node: Any) -> set:
-    found, pending = set(), list(node.users)
-    while pending:
-        item = pending.pop()
-        if item not in found:
-            found.add(item)
-            pending.extend(item.users)
-    return found
 
 
 def _assemble(per_position: list[list[torch.Tensor]], grid: tuple[int, ...]) -> list[torch.Tensor]:
