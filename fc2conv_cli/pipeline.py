@@ -309,11 +309,11 @@ def verify(options: ConvertOptions, steps: Steps | None = None) -> ConvertResult
             open_checkpoint(options.output, format="safetensors") as converted,
         ):
             _check_same_file(digest, options.input)
-            if options.dtype is None:  # the cast the file records, if any
-                recorded = read_safetensors_metadata(options.output)
-                if recorded.get("dtype") in DTYPES:
-                    scope = recorded.get("dtype_scope", "all")
-                    options = replace(options, dtype=recorded["dtype"], dtype_scope=scope)
+            recorded = read_safetensors_metadata(options.output)
+            # Without --dtype, the cast the file records (if any) is the one to check.
+            if options.dtype is None and recorded.get("dtype") in DTYPES:
+                scope = recorded.get("dtype_scope", "all")
+                options = replace(options, dtype=recorded["dtype"], dtype_scope=scope)
             steps.step("plan")
             plan = plan_conversion(source, layer_map, options)
             result = ConvertResult(
@@ -325,7 +325,7 @@ def verify(options: ConvertOptions, steps: Steps | None = None) -> ConvertResult
                 verified=True,
             )
             result = _checked(result, source, converted, steps)
-        result = replace(result, provenance=_provenance(options, layer_map, digest))
+        result = replace(result, provenance=_provenance(options, layer_map, digest, recorded))
     finally:
         digest.cancel()
     result = _finish(result, started)
@@ -360,10 +360,10 @@ def _layer_map(options: ConvertOptions) -> LayerMap:
 
 
 def _provenance(
-    options: ConvertOptions, layer_map: LayerMap, digest: FileDigest
+    options: ConvertOptions, layer_map: LayerMap, digest: FileDigest, metadata: dict[str, str]
 ) -> tuple[Provenance, ...]:
-    """The digests the converted file records, against the ORIGINAL's and the MAP's."""
-    metadata = read_safetensors_metadata(options.output)  # verify read it as safetensors
+    """The digests the converted file's ``metadata`` records, against the ORIGINAL's and
+    the MAP's."""
     return (
         Provenance("source_sha256", options.input, metadata.get("source_sha256"), digest.result()),
         Provenance(

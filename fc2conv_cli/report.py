@@ -427,6 +427,28 @@ def write_json(destination: str, data: dict[str, Any]) -> None:
             file.write(text)
 
 
+def _bytes_progress(console: Console, label: str, transient: bool) -> Any:
+    """A rich progress bar of bytes (done, rate, time left) after the column ``label``."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+    )
+
+
 class BatchProgress:
     """Progress of a batch: a live bar on a terminal, one plain line per file otherwise."""
 
@@ -436,23 +458,7 @@ class BatchProgress:
         self.done = 0
         self._progress = None
         if console.is_terminal:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("{task.fields[files]}"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=console,
-            )
+            self._progress = _bytes_progress(console, "{task.fields[files]}", transient=False)
             self._task = self._progress.add_task("batch", total=total_bytes, files=self._files())
 
     def _files(self) -> str:
@@ -503,24 +509,7 @@ class StepProgress:
         self._task: Any = None
         on_terminal = console.is_terminal and not console.quiet and "CI" not in os.environ
         if on_terminal and input_bytes >= PROGRESS_MIN_BYTES:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("{task.description:<6}"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=console,
-                transient=True,
-            )
+            self._progress = _bytes_progress(console, "{task.description:<6}", transient=True)
 
     def __enter__(self) -> StepProgress:
         if self._progress is not None:
